@@ -158,7 +158,7 @@ class PremultiplyAlpha(io.ComfyNode):
                 io.Mask.Input("alpha", tooltip=ALPHA_TIP),
                 io.Combo.Input("direction", options=["straight -> premultiplied", "premultiplied -> straight"]),
             ],
-            outputs=[io.Image.Output("image", display_name="image")],
+            outputs=[io.Image.Output("converted", display_name="image")],
         )
 
     @classmethod

@@ -1,0 +1,303 @@
+"""Every shipped workflow (workflows/*.json, UI format) converts, validates with zero errors and runs
+on the CPU inside ComfyUI; saved/previewed images are checked against the tensors that produced them
+and, for the pack's nodes, against independent computations from the inputs the test generated.
+
+Per-workflow needs go in ``SPECS``: a ``setup`` hook (write input images / random-weight model files
+under the names the workflow's widgets use), the expected output size, and extra checks. Input images
+named by LoadImage widgets and not written by a hook get a procedural default (an RGBA cut-out, or a
+green-screen shot when the name says green/screen/key).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from scipy import ndimage
+
+import harness
+
+REPO = Path(__file__).resolve().parents[2]
+WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))
+INPUT_HW = (72, 96)  # default input size (H, W): small and non-square to catch transposes
+
+
+# ---- context handed to setup hooks and checks -------------------------------------------------------
+
+@dataclass
+class WorkflowContext:
+    env: harness.ComfyEnv
+    name: str
+    workflow: dict
+    inputs: dict[str, dict] = field(default_factory=dict)   # filename -> {"rgb": u8 HxWx3, "alpha": u8 HxW | None}
+    truth: dict[str, Any] = field(default_factory=dict)     # filename -> ground truth (e.g. samples.Sample)
+    prompt: dict | None = None
+    run: harness.Run | None = None
+
+    def add_input_image(self, filename: str, rgb: np.ndarray, alpha: np.ndarray | None = None) -> Path:
+        """Write ``rgb`` (u8 HxWx3) [+ ``alpha`` u8 HxW] as a PNG in ComfyUI's input dir."""
+        path = Path(self.env.folder_paths.get_annotated_filepath(filename))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        arr = rgb if alpha is None else np.concatenate([rgb, alpha[..., None]], axis=-1)
+        Image.fromarray(np.ascontiguousarray(arr)).save(path)
+        self.inputs[filename] = {"rgb": rgb, "alpha": alpha}
+        harness.refresh_file_lists()
+        return path
+
+    def add_model_file(self, folder_name: str, filename: str, tensors: dict[str, torch.Tensor] | bytes) -> Path:
+        """Write a model file (a safetensors state dict, or raw bytes) where ComfyUI's ``folder_name``
+        lists it, e.g. random weights made by a setup hook for a checkpoint-loading workflow."""
+        path = harness.model_path(folder_name, filename)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(tensors, (bytes, bytearray)):
+            path.write_bytes(tensors)
+        else:
+            from safetensors.torch import save_file
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+        harness.refresh_file_lists()
+        return path
+
+    # helpers for checks
+    def upstream(self, node_id: str, input_name: str):
+        """The value feeding ``input_name`` of ``node_id`` (None if unlinked)."""
+        link = harness.upstream(self.prompt, node_id, input_name)
+        return None if link is None else self.run.output(link[0], link[1])
+
+    def loaded_file(self, node_id: str, input_name: str) -> dict | None:
+        """The generated input behind ``input_name`` if it comes straight from a LoadImage node."""
+        link = harness.upstream(self.prompt, node_id, input_name)
+        if link is None or self.prompt[link[0]]["class_type"] != "LoadImage":
+            return None
+        return self.inputs.get(self.prompt[link[0]]["inputs"]["image"])
+
+
+@dataclass
+class Spec:
+    setup: Callable[[WorkflowContext], None] | None = None
+    output_hw: tuple[int, int] | None = None   # every saved/previewed image's (H, W); None = the input size
+    check: Callable[[WorkflowContext], None] | None = None
+
+
+def _sample(h: int, w: int, seed: int, style: str = "studio"):
+    try:
+        from diffusion_matting.py.samples import make_sample
+    except ImportError:  # pragma: no cover - the pack's core is importable wherever the pack is installed
+        return None
+    return make_sample(height=h, width=w, seed=seed, style=style)
+
+
+def default_input(ctx: WorkflowContext, filename: str) -> None:
+    h, w = INPUT_HW
+    seed = sum(filename.encode()) % 97
+    keyed = any(k in filename.lower() for k in ("green", "screen", "key", "plate"))
+    s = _sample(h, w, seed)
+    if s is None:  # soft disc fallback
+        yy, xx = np.mgrid[0:h, 0:w]
+        a = np.clip(1.0 - (np.hypot(yy - h / 2, xx - w / 2) - h / 3) / 3, 0, 1).astype(np.float32)
+        fg = np.stack([0.8 * a + 0.1, 0.3 * np.ones_like(a), 0.5 * np.ones_like(a)], -1).astype(np.float32)
+        image = a[..., None] * fg + (1 - a[..., None]) * np.array([0.16, 0.62, 0.26], np.float32)
+    else:
+        a, fg, image = s.alpha, s.fg, s.image
+    u8 = lambda x: (np.clip(x, 0, 1) * 255 + 0.5).astype(np.uint8)  # noqa: E731
+    if keyed:
+        ctx.add_input_image(filename, u8(image))
+    else:  # an RGBA cut-out: straight colour + alpha
+        ctx.add_input_image(filename, u8(fg), u8(a))
+    ctx.truth[filename] = s
+
+
+SPECS: dict[str, Spec] = {
+    "alpha_tools.json": Spec(),
+}
+
+
+# ---- checks of the pack's nodes, by class type (run wherever the node occurs in a workflow) --------------
+
+NODE_CHECKS: dict[str, Callable[[WorkflowContext, str], None]] = {}
+
+
+def node_check(class_type: str):
+    def deco(fn):
+        NODE_CHECKS[class_type] = fn
+        return fn
+    return deco
+
+
+def _np(x) -> np.ndarray:
+    return x.detach().float().cpu().numpy()
+
+
+def _is_comfy_mask(convention) -> bool:
+    return str(convention).lower().startswith("comfyui mask")
+
+
+def _source_alpha(ctx, nid, input_name="mask") -> np.ndarray:
+    mask = _np(ctx.upstream(nid, input_name))
+    return 1.0 - mask if _is_comfy_mask(ctx.prompt[nid]["inputs"].get("mask_convention")) else mask
+
+
+@node_check("DM_JoinRGBA")
+def _check_join(ctx, nid):
+    out = _np(ctx.run.output(nid))
+    fg = _np(ctx.upstream(nid, "foreground"))
+    alpha = _source_alpha(ctx, nid)
+    assert out.shape == fg.shape[:3] + (4,), out.shape
+    np.testing.assert_allclose(out[..., :3], fg[..., :3], atol=1e-6, err_msg="RGB must stay straight")
+    np.testing.assert_allclose(out[..., 3], alpha, atol=1e-6)
+    src = ctx.loaded_file(nid, "foreground")
+    if src is not None and src["alpha"] is not None and ctx.loaded_file(nid, "mask") is src \
+            and _is_comfy_mask(ctx.prompt[nid]["inputs"].get("mask_convention")):
+        # end to end: the RGBA PNG we wrote comes back as the same straight RGBA
+        np.testing.assert_allclose(out[0, ..., :3], src["rgb"] / 255.0, atol=1e-6)
+        np.testing.assert_allclose(out[0, ..., 3], src["alpha"] / 255.0, atol=1e-6)
+
+
+@node_check("DM_SplitRGBA")
+def _check_split(ctx, nid):
+    rgba = _np(ctx.upstream(nid, "rgba"))
+    rgb, alpha, comfy_mask = (_np(ctx.run.output(nid, i)) for i in range(3))
+    a = rgba[..., 3] if rgba.shape[-1] == 4 else np.ones(rgba.shape[:3], np.float32)
+    np.testing.assert_allclose(rgb, rgba[..., :3], atol=1e-6)
+    np.testing.assert_allclose(alpha, a, atol=1e-6)
+    np.testing.assert_allclose(comfy_mask, 1 - a, atol=1e-6)
+
+
+@node_check("DM_CompositeOver")
+def _check_composite(ctx, nid):
+    fg = _np(ctx.upstream(nid, "foreground"))[..., :3]
+    a = _np(ctx.upstream(nid, "alpha"))[..., None]
+    bg = _np(ctx.upstream(nid, "background"))[..., :3]
+    np.testing.assert_allclose(_np(ctx.run.output(nid)), np.clip(a * fg + (1 - a) * bg, 0, 1), atol=1e-5)
+
+
+@node_check("DM_AlphaPreview")
+def _check_preview(ctx, nid):
+    out = _np(ctx.run.output(nid))
+    fg = _np(ctx.upstream(nid, "foreground"))
+    alpha = ctx.upstream(nid, "alpha")
+    a = _np(alpha) if alpha is not None else (fg[..., 3] if fg.shape[-1] == 4 else np.ones(fg.shape[:3], np.float32))
+    rgb = fg[..., :3]
+    assert out.shape == rgb.shape, (out.shape, rgb.shape)
+    inputs = ctx.prompt[nid]["inputs"]
+    if inputs.get("mode") != "checkerboard":
+        return
+    # reconstruct the backdrop from fully transparent pixels: a grey checker of `square` px cells
+    s = int(inputs["square"])
+    h, w = a.shape[1:]
+    parity = ((np.arange(h)[:, None] // s) + (np.arange(w)[None] // s)) % 2
+    clear = a[0] == 0
+    levels = []
+    for p in (0, 1):
+        px = out[0][clear & (parity == p)]
+        assert len(px), "test image needs transparent pixels in both checker cells"
+        assert np.ptp(px, axis=0).max() < 1e-6 and np.ptp(px[0]) < 1e-6, "checker cell must be one grey"
+        levels.append(float(px[0, 0]))
+    assert abs(levels[0] - levels[1]) > 0.05, f"checker levels {levels} indistinguishable"
+    bg = np.where(parity == 0, levels[0], levels[1])[None, ..., None]
+    expect = np.clip(a[..., None] * rgb + (1 - a[..., None]) * bg, 0, 1)
+    np.testing.assert_allclose(out, expect, atol=1e-5, err_msg="preview != alpha*F + (1-alpha)*checker")
+
+
+@node_check("DM_TrimapFromMask")
+def _check_trimap(ctx, nid):
+    tri = _np(ctx.run.output(nid))
+    inputs = ctx.prompt[nid]["inputs"]
+    alpha = _source_alpha(ctx, nid)
+    r_e, r_d, thr = int(inputs["erode_px"]), int(inputs["dilate_px"]), float(inputs["threshold"])
+    assert set(np.unique(tri)) <= {0.0, 0.5, 1.0}, np.unique(tri)
+    for t, a in zip(tri, alpha):
+        inside = a >= thr
+        d_out = ndimage.distance_transform_edt(inside)    # distance to the nearest outside pixel
+        d_in = ndimage.distance_transform_edt(~inside)    # distance to the nearest inside pixel
+        fg, bg = t == 1.0, t == 0.0
+        # any erosion/dilation of radius r (disc or square) keeps/clears exactly within these bounds
+        assert (d_out[fg] > r_e).all(), "definite foreground closer than erode_px to the background"
+        assert (d_in[bg] > r_d).all(), "definite background closer than dilate_px to the foreground"
+        margin = int(np.ceil(max(r_e, r_d) * np.sqrt(2))) + 2  # ignore image borders (padding conventions)
+        core = np.zeros_like(inside)
+        core[margin:-margin, margin:-margin] = True
+        assert (fg | ~(core & (d_out > r_e * np.sqrt(2) + 1))).all(), "deep foreground not marked definite"
+        assert (bg | ~(core & (d_in > r_d * np.sqrt(2) + 1))).all(), "far background not marked definite"
+        assert fg.any() and bg.any() and (t == 0.5).any()
+
+
+@node_check("DM_Premultiply")
+def _check_premultiply(ctx, nid):
+    img = _np(ctx.upstream(nid, "image"))[..., :3]
+    a = _np(ctx.upstream(nid, "alpha"))[..., None]
+    out = _np(ctx.run.output(nid))
+    if str(ctx.prompt[nid]["inputs"].get("direction", "")).startswith("straight"):
+        np.testing.assert_allclose(out, img * a, atol=1e-6)
+    else:
+        m = np.broadcast_to(a > 1e-3, out.shape)
+        np.testing.assert_allclose(out[m], np.clip(img / np.maximum(a, 1e-3), 0, 1)[m], atol=1e-4)
+
+
+# ---- the test ------------------------------------------------------------------------------------------
+
+def _check_image_outputs(ctx: WorkflowContext, spec: Spec) -> int:
+    """Saved / previewed PNGs exist and equal the tensors fed to them; returns how many were checked."""
+    expected_hw = spec.output_hw
+    if expected_hw is None and ctx.inputs:
+        first = next(iter(ctx.inputs.values()))["rgb"]
+        expected_hw = first.shape[:2]
+    checked = 0
+    for nid, ui in ctx.run.outputs.items():
+        files = ctx.run.files(nid)
+        if not files:
+            continue
+        cls = ctx.prompt[nid]["class_type"]
+        src = ctx.upstream(nid, "images")
+        assert src is not None, f"{cls} {nid} saved images but has no `images` input"
+        src = _np(src)
+        assert len(files) == src.shape[0], f"{cls} {nid}: {len(files)} files for a batch of {src.shape[0]}"
+        for f, t in zip(files, src):
+            assert f.is_file(), f
+            base = ctx.env.output_dir if cls == "SaveImage" else ctx.env.temp_dir
+            assert base in f.parents, f"{cls} wrote {f} outside {base}"
+            im = Image.open(f)
+            want_mode = {3: "RGB", 4: "RGBA", 1: "L"}[t.shape[-1]]
+            assert im.mode == want_mode, f"{cls} {nid}: {im.mode} PNG from a {t.shape[-1]}-channel image"
+            arr = np.asarray(im)
+            assert arr.shape[:2] == t.shape[:2]
+            if expected_hw is not None:
+                assert tuple(arr.shape[:2]) == tuple(expected_hw), f"{cls} {nid}: {arr.shape[:2]} != {expected_hw}"
+            ref = np.clip(t * 255.0, 0, 255).astype(np.uint8).reshape(arr.shape)
+            assert np.abs(arr.astype(int) - ref.astype(int)).max() <= 1
+            checked += 1
+    return checked
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=[p.name for p in WORKFLOWS])
+def test_workflow_runs_in_comfyui(comfy_pack, path):
+    workflow = json.loads(path.read_text(encoding="utf-8"))
+    spec = SPECS.get(path.name, Spec())
+    ctx = WorkflowContext(env=comfy_pack, name=path.name, workflow=workflow)
+    if spec.setup is not None:
+        spec.setup(ctx)
+    ctx.prompt = harness.ui_to_api(workflow)  # strict: widgets_values must line up with the node schemas
+    for filename in harness.upload_files(ctx.prompt):  # LoadImage & co: images the hook did not write
+        if filename not in ctx.inputs:
+            default_input(ctx, filename)
+    errors = harness.validate(ctx.prompt)
+    hint = ("\n(a model file missing? write it from a setup hook in SPECS, tests/comfy/test_workflows.py)"
+            if any(e["type"] == "value_not_in_list" for e in errors) else "")
+    assert not errors, f"{path.name} does not validate in ComfyUI:\n{harness.format_errors(errors)}{hint}"
+    # execute every output node, plus every pack node so its checks can read its outputs
+    checked_nodes = [nid for nid, n in ctx.prompt.items() if n["class_type"] in NODE_CHECKS]
+    ctx.run = harness.execute(ctx.prompt, capture=checked_nodes)
+    ctx.run.raise_for_error()
+
+    n_images = _check_image_outputs(ctx, spec)
+    assert n_images > 0 or spec.check is not None, f"{path.name} wrote no images"
+    for nid in checked_nodes:
+        NODE_CHECKS[ctx.prompt[nid]["class_type"]](ctx, nid)
+    if spec.check is not None:
+        spec.check(ctx)
+
