@@ -24,7 +24,7 @@ class Graph:
         self.links: list[list] = []
 
     def node(self, type_: str, widgets: list | None = None, inputs: dict | None = None,
-             outputs: list[tuple[str, str]] | None = None, title: str | None = None, size=(320, 160)) -> int:
+             outputs: list[tuple[str, str]] | None = None, title: str | None = None, size=(380, 170)) -> int:
         """inputs: {input name: (type, (src node id, src slot))}; outputs: [(name, type)]."""
         nid = len(self.nodes) + 1
         node = {
@@ -52,7 +52,7 @@ class Graph:
         rows: dict[int, int] = {}
         for n in self.nodes:
             d = depth[n["id"]]
-            n["pos"] = [40 + d * 380, 40 + rows.get(d, 0)]
+            n["pos"] = [40 + d * 430, 40 + rows.get(d, 0)]
             rows[d] = rows.get(d, 0) + n["size"][1] + 60
             for o in n["outputs"]:
                 o["slot_index"] = n["outputs"].index(o)
@@ -62,7 +62,7 @@ class Graph:
         return {
             "last_node_id": len(self.nodes), "last_link_id": len(self.links),
             "nodes": self.nodes, "links": self.links, "groups": [], "config": {},
-            "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}, "title": self.title}, "version": 0.4,
+            "extra": {"title": self.title}, "version": 0.4,
         }
 
 
