@@ -1,0 +1,85 @@
+"""GreenPost node: training-free, matting-level keyer for green (or any colour) screens."""
+
+from __future__ import annotations
+
+import torch
+from comfy_api.latest import io
+
+from ..py import alpha as A
+from ..py.greenpost import color_hex, greenpost
+from ._common import ALPHA_TIP, STRAIGHT_TIP, check_interrupt, device, log, out_device, progress
+
+MASK_CONVENTIONS = ["alpha (1 = foreground)", "ComfyUI mask (1 = background)"]
+
+
+class GreenPost(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="DM_GreenPost",
+            display_name="GreenPost (green-screen keyer)",
+            category="matting/keying",
+            description="DiffuMatting's GreenPost without weights: K-Means backdrop colour -> clean plate -> "
+                        "known-background matting -> alpha + straight, spill-free foreground. Any screen colour.",
+            inputs=[
+                io.Image.Input("image", tooltip="Green/blue/any-colour screen images (batch)."),
+                io.Combo.Input("key_color_mode", options=["auto (K-Means)", "override"], default="auto (K-Means)"),
+                io.String.Input("key_color", default="#00ff00",
+                                tooltip="Backdrop colour for mode=override ('#rrggbb' or 'R,G,B')."),
+                io.Float.Input("despill", default=1.0, min=0.0, max=1.0, step=0.05,
+                               tooltip="Share of the backdrop colour cast removed from the foreground."),
+                io.Float.Input("decontaminate", default=0.8, min=0.0, max=1.0, step=0.05,
+                               tooltip="Faint pixels borrow nearby confident foreground colour below this alpha."),
+                io.Float.Input("noise_clip", default=2.0, min=0.0, max=10.0, step=0.1,
+                               tooltip="Soft threshold near 0/1 in noise standard deviations (JPEG/sensor noise)."),
+                io.Boolean.Input("strict", default=False,
+                                 tooltip="Error on an image with no backdrop colour (else: all foreground + warning)."),
+                io.Mask.Input("coarse_mask", optional=True,
+                              tooltip="Optional coarse mask (e.g. the matting head's); convention below."),
+                io.Combo.Input("mask_convention", options=MASK_CONVENTIONS, default=MASK_CONVENTIONS[0],
+                               optional=True, tooltip=ALPHA_TIP),
+                io.Image.Input("plate", optional=True, tooltip="Optional clean shot of the empty backdrop."),
+            ],
+            outputs=[
+                io.Image.Output("foreground", display_name="foreground (straight)", tooltip=STRAIGHT_TIP),
+                io.Mask.Output("alpha", display_name="alpha", tooltip=ALPHA_TIP),
+                io.Image.Output("rgba", display_name="RGBA", tooltip="Straight colour + alpha (4 channels)."),
+                io.Image.Output("clean_plate", display_name="clean plate"),
+                io.String.Output("key", display_name="key colour", tooltip="Backdrop colour per image, '#rrggbb'."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, image, key_color_mode, key_color, despill, decontaminate, noise_clip, strict,
+                coarse_mask=None, mask_convention=MASK_CONVENTIONS[0], plate=None) -> io.NodeOutput:
+        image = A.as_image(image, "image")
+        override = A.parse_color(key_color) if key_color_mode == "override" else None
+        if coarse_mask is not None:
+            coarse_mask = A.as_mask(coarse_mask, "coarse_mask")
+            if mask_convention == MASK_CONVENTIONS[1]:
+                coarse_mask = A.comfy_mask_to_alpha(coarse_mask)
+            if coarse_mask.shape[1:] != image.shape[1:3]:  # e.g. a latent-resolution mask: resize, never squash silently
+                log.info("GreenPost: resizing coarse mask %s to the image size %s", tuple(coarse_mask.shape[1:]),
+                         tuple(image.shape[1:3]))
+                coarse_mask = torch.nn.functional.interpolate(coarse_mask[:, None], size=image.shape[1:3],
+                                                              mode="bilinear", align_corners=False)[:, 0]
+        dev = device()
+        n = image.shape[0]
+        bar = progress(n)
+        outs = []
+        for i in range(n):
+            check_interrupt()
+            pick = lambda t: None if t is None else t[i if t.shape[0] == n else 0:][:1].to(dev)  # noqa: E731
+            res = greenpost(pick(image), mask=pick(coarse_mask), plate=pick(plate), key_color=override,
+                            despill=despill, decontaminate=decontaminate, noise_clip=noise_clip, strict=strict)
+            for w in res.warnings:
+                log.warning("GreenPost image %d: %s", i, w)
+            outs.append(res)
+            bar.update(1)
+        od = out_device()
+        cat = lambda name: torch.cat([getattr(r, name).to(od) for r in outs])  # noqa: E731
+        keys = ", ".join(color_hex(r.key_color[0].tolist()) for r in outs)
+        return io.NodeOutput(cat("foreground").contiguous(), cat("alpha"), cat("rgba"), cat("plate"), keys)
+
+
+NODES = [GreenPost]

@@ -1,0 +1,718 @@
+"""GreenPost: a fast, training-free, matting-level keyer for green (and any colour) screens.
+
+After DiffuMatting (ECCV 2024, sec. 3.5, "GreenPost"): a coarse mask (optional) tells background pixels,
+K-Means finds the backdrop colour, a clean background plate is built, and known-background matting gives
+a matting-level alpha. The paper used BackgroundMattingV2 for the last step (weights unavailable); this
+module replaces it by a closed-form per-pixel estimator against the plate, so it needs no weights and
+keys a 4K frame in about a second on a laptop CPU. Everything is torch, so it runs on the caller's device.
+
+Model
+-----
+Every pixel mixes a straight foreground colour ``F`` with the backdrop ``B`` (the *plate*)::
+
+    I = a F + (1 - a) B                                   (a = alpha, 1 = foreground)
+
+With ``B`` known that is 3 equations for 4 unknowns (``a`` and ``F``). GreenPost closes it with a local
+foreground colour ``F_l`` (below) and solves for ``a`` by weighted least squares along the line
+``B -> F_l``::
+
+    a = argmin_a | W (I - B - a (F_l - B)) |^2 = <d, e>_M / <e, e>_M,   d = I - B,  e = F_l - B,
+    <u, v>_M = u . v + (w_k - 1) (u . k)(v . k)                                             (1)
+
+``k`` is the unit *key direction*: the chroma of the key colour ``K`` (``K`` minus its grey part,
+normalised). With ``w_k = 1`` (1) is the projection of ``d`` onto ``e``; a large ``w_k`` trusts the key
+axis most, where a screen separates from any subject best, and tends to the colour-difference
+key ``a = (s(B) - s(I)) / (s(B) - s(F_l))`` with the *key signal*::
+
+    s(X) = sqrt(6)/2 (X . k) - sqrt(2)/2 |X . n|,      n = unit(g x k), g = grey axis            (2)
+
+which is exactly the classic ``G - max(R, B)`` for a pure green key, rotated to any hue. The classic
+keyer takes ``s(F) = 0``; that doubles the alpha of a red subject (``s(F) < 0``) and thins a plant
+(``s(F) > 0``), hence ``F_l``.
+
+Local foreground colour ``F_l`` (low resolution): start from the colour-difference alpha
+``a0 = 1 - s(I)/s(B)``; colours of confident foreground (``a > 1 - max(fg_conf, 3 sigma)``) and the unmixed
+colours ``B + (I - B)/a`` of partial pixels (``a > 0.4``, weight ``a^2``) are spread by push-pull
+(a weighted image pyramid, filled coarse to fine); ``a`` is recomputed with (1) and ``F_l`` once more.
+
+Noise: ``sigma`` = robust std (1.4826 MAD) of ``a0`` over full-resolution confident-background samples.
+Alpha is then passed through a soft threshold of width ``t = noise_clip * sigma`` at both ends:
+``0`` below ``t``, ``2 (a - t)`` on ``[t, 2t]``, unchanged above (mirrored near 1), so values buried in
+the noise snap to 0 / 1 while real semi-transparency survives.
+
+Plate (low resolution): backdrop pixels keep the screen's *chromaticity* ``X / (R + G + B)`` however lit
+(uneven light, vignetting), while mixing in any non-black subject moves it. The screen chromaticity is
+estimated robustly (median, then a quadratic surface for screens whose hue drifts), with a tolerance of
+3x the median distance of the selected pixels (it follows the noise); pixels much darker than the smooth
+brightness of their backdrop neighbours (dark semi-transparent strands) are dropped. The plate is the
+normalised-convolution average of what is left, filled under the subject by push-pull, then bilinearly
+upsampled (a user plate replaces all this).
+
+Foreground: unmixing ``F = (I - (1 - a) B) / a = F_l + r / a`` with ``r = d - a e`` the residual off the
+``B -> F_l`` line amplifies noise and backdrop leftovers as ``a -> 0``; GreenPost uses
+``F = F_l + r / max(a, a_d)`` (``a_d = decontaminate``): opaque pixels are unmixed exactly, faint ones
+borrow the nearby confident colour. Spill is removed by taking a positive key signal out along ``k``
+(``F -= despill * max(s(F), 0) * 2/sqrt(6) * k``, luminance preserving). All colour is straight.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .alpha import as_image, as_mask, broadcast_batch
+from .errors import UserError
+
+SQ6_2 = math.sqrt(6.0) / 2.0
+SQ2_2 = math.sqrt(2.0) / 2.0
+_GREY = (1.0 / math.sqrt(3.0),) * 3
+
+
+@dataclass
+class GreenPostResult:
+    """Outputs for a batch (on the input's device).
+
+    ``foreground``: straight RGB ``[B,H,W,3]`` (a view of ``rgba[..., :3]``; call ``.contiguous()`` if
+    needed); ``alpha``: ``[B,H,W]``, 1 = foreground; ``rgba``: ``[B,H,W,4]`` straight colour + alpha;
+    ``plate``: the clean backdrop ``[B,H,W,3]``; ``key_color``: ``[B,3]`` in 0..1; ``warnings``: one
+    human-readable line per issue (e.g. an image without a screen, returned as all foreground).
+    """
+
+    foreground: torch.Tensor
+    alpha: torch.Tensor
+    rgba: torch.Tensor
+    plate: torch.Tensor
+    key_color: torch.Tensor
+    warnings: list[str] = field(default_factory=list)
+
+
+# ------------------------------------------------------------------------------------ colour maths
+def key_basis(key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Unit key direction ``k`` (chroma of ``key``), the other chroma axis ``n = unit(g x k)`` and the
+    key's chroma magnitude ``|K - (K.g) g|``. A neutral key (grey/white/black) gets ``k`` = green's."""
+    key = torch.as_tensor(key, dtype=torch.float32)
+    g = torch.tensor(_GREY, dtype=key.dtype, device=key.device)
+    c = key - (key @ g) * g
+    mag = float(c.norm())
+    if mag < 1e-6:
+        c = torch.tensor([-1.0, 2.0, -1.0], dtype=key.dtype, device=key.device)
+        c = c / c.norm()
+    else:
+        c = c / mag
+    n = torch.linalg.cross(g, c)
+    return c, n / n.norm(), mag
+
+
+def _dot(x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``x . v`` over the last axis (size 3); faster than a matmul/reduction over a size-3 axis."""
+    return torch.einsum("...c,c->...", x, v)
+
+
+def _dotp(x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``x . v`` over axis 1 of a planar ``[N,3,h,w]`` tensor -> ``[N,h,w]``."""
+    return torch.einsum("nchw,c->nhw", x, v)
+
+
+def key_signal(x: torch.Tensor, k: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    """``s(X) = sqrt(6)/2 X.k - sqrt(2)/2 |X.n|`` over the last axis (``G - max(R,B)`` for a green key)."""
+    return SQ6_2 * _dot(x, k) - SQ2_2 * _dot(x, n).abs()
+
+
+def _key_signal_p(x: torch.Tensor, k: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    return SQ6_2 * _dotp(x, k) - SQ2_2 * _dotp(x, n).abs()
+
+
+def color_hex(rgb: Sequence[float]) -> str:
+    """``(r, g, b)`` in 0..1 -> ``"#rrggbb"``."""
+    return "#" + "".join(f"{int(round(min(max(float(c), 0.0), 1.0) * 255)):02x}" for c in rgb)
+
+
+def soft_clip(a: torch.Tensor, t: float) -> torch.Tensor:
+    """Noise-aware soft thresholds: 0 below ``t``, ``2 (a - t)`` on ``[t, 2t]``, unchanged in between,
+    mirrored near 1 (continuous), clamped to 0..1."""
+    if t <= 0:
+        return a.clamp(0, 1)
+    a = torch.where(a < 2 * t, 2.0 * (a - t), a)
+    a = torch.where(a > 1 - 2 * t, 2.0 * (a + t) - 1.0, a)
+    return a.clamp_(0, 1)
+
+
+# ------------------------------------------------------------------------------------ low-res tools
+def _blur(x: torch.Tensor) -> torch.Tensor:
+    """Binomial ``[1 4 6 4 1]/16`` blur (a Gaussian of sigma 1 px) of ``[N,C,h,w]``, replicate borders;
+    shifted adds, much faster on a CPU than a depthwise convolution."""
+    if x.shape[-1] >= 2:
+        p = F.pad(x, (2, 2, 0, 0), mode="replicate")
+        x = (p[..., :-4] + p[..., 4:] + 4.0 * (p[..., 1:-3] + p[..., 3:-1]) + 6.0 * p[..., 2:-2]) * (1.0 / 16)
+    if x.shape[-2] >= 2:
+        p = F.pad(x, (0, 0, 2, 2), mode="replicate")
+        x = (p[..., :-4, :] + p[..., 4:, :] + 4.0 * (p[..., 1:-3, :] + p[..., 3:-1, :]) + 6.0 * p[..., 2:-2, :]) * (1.0 / 16)
+    return x
+
+
+def _norm_blur(values: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalised convolution: ``blur(w v) / blur(w)`` and ``blur(w)`` (``[N,C,h,w]``, ``[N,1,h,w]``)."""
+    den = _blur(weight)
+    return _blur(values * weight) / den.clamp_min(1e-6), den
+
+
+def _half(x: torch.Tensor) -> torch.Tensor:
+    """2x2 mean of ``[N,C,h,w]`` (an odd last row/column is replicated first): ``ceil(h/2) x ceil(w/2)``."""
+    if x.shape[-1] % 2 or x.shape[-2] % 2:
+        x = F.pad(x, (0, x.shape[-1] % 2, 0, x.shape[-2] % 2), mode="replicate")
+    return (x[..., 0::2, 0::2] + x[..., 1::2, 0::2] + x[..., 0::2, 1::2] + x[..., 1::2, 1::2]) * 0.25
+
+
+def _double(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear 2x upsampling (half-pixel centres, edges clamped) of ``[N,C,h,w]``, cropped to ``size``;
+    the inverse geometry of :func:`_half`."""
+    p = F.pad(x, (1, 1, 0, 0), mode="replicate")
+    even, odd = 0.25 * p[..., :-2] + 0.75 * x, 0.75 * x + 0.25 * p[..., 2:]
+    x = torch.stack([even, odd], -1).flatten(-2)[..., : size[1]]
+    p = F.pad(x, (0, 0, 1, 1), mode="replicate")
+    even, odd = 0.25 * p[..., :-2, :] + 0.75 * x, 0.75 * x + 0.25 * p[..., 2:, :]
+    return torch.stack([even, odd], -2).flatten(-3, -2)[..., : size[0], :]
+
+
+def _box3(x: torch.Tensor) -> torch.Tensor:
+    """3x3 box mean of ``[N,C,h,w]`` with replicate borders."""
+    p = F.pad(x, (1, 1, 1, 1), mode="replicate")
+    r = p[..., :-2] + p[..., 1:-1] + p[..., 2:]
+    return (r[..., :-2, :] + r[..., 1:-1, :] + r[..., 2:, :]) * (1.0 / 9)
+
+
+def push_pull(values: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Fill ``values`` ``[N,C,h,w]`` where ``weight`` ``[N,1,h,w]`` (0..1) is small, smoothly.
+
+    Push: a pyramid of weight-averaged colours (2x2 averages of ``w v`` and ``w``). Pull: from the top,
+    each level keeps its own average in proportion to its coverage ``min(1, 2 w)`` and takes the
+    upsampled coarser estimate for the rest, so well-known pixels keep their value and holes get a
+    smooth blend of their surroundings at every scale.
+    """
+    x = torch.cat([values * weight, weight], 1)
+    levels = []
+    while min(x.shape[-2:]) > 1:
+        levels.append(x)
+        x = _half(x)
+    est = x[:, :-1] / x[:, -1:].clamp_min(1e-8)
+    for lx in reversed(levels):
+        up = _double(est, lx.shape[-2:])
+        lw = lx[:, -1:]
+        est = torch.lerp(up, lx[:, :-1] / lw.clamp_min(1e-8), (2.0 * lw).clamp(max=1.0))
+    return est
+
+
+def _erode(binary: torch.Tensor, r: int) -> torch.Tensor:
+    """Square erosion of ``[N,1,h,w]`` 0/1 by radius ``r`` (min-pool)."""
+    return binary if r <= 0 else -F.max_pool2d(-binary, 2 * r + 1, stride=1, padding=r)
+
+
+def _dilate(binary: torch.Tensor, r: int) -> torch.Tensor:
+    return binary if r <= 0 else F.max_pool2d(binary, 2 * r + 1, stride=1, padding=r)
+
+
+def _downsample(img: torch.Tensor, f: int) -> torch.Tensor:
+    """``[H,W,C]`` -> planar ``[1,C,ceil(H/f),ceil(W/f)]`` area average (ragged border cells average what
+    exists)."""
+    x = img.permute(2, 0, 1).unsqueeze(0)
+    return F.avg_pool2d(x, f, ceil_mode=True) if f > 1 else x.contiguous()
+
+
+class _Upsampler:
+    """Bilinear upsampling of a low-res planar map ``[1,C,h,w]`` made by :func:`_downsample` with factor
+    ``f`` (cell centres at full-res ``(i + 0.5) f - 0.5``, edges clamped) to planar ``[C,H,W]``, a band of
+    rows at a time: the horizontal pass is done once at low height, each band then blends two rows."""
+
+    def __init__(self, low: torch.Tensor, f: int, height: int, width: int):
+        low = low[0]  # [C,h,w]
+        self.identity = low if f == 1 else None
+        if f == 1:
+            return
+        h, w = low.shape[-2:]
+        x0, x1, wx = self._coords(width, w, f, low.device)
+        left = low.index_select(2, x0)
+        self.lx = left.add_(low.index_select(2, x1).sub_(left).mul_(wx))  # [C,h,W]
+        self.y0, self.y1, self.wy = self._coords(height, h, f, low.device)
+
+    @staticmethod
+    def _coords(n_out: int, n_in: int, f: int, device):
+        src = ((torch.arange(n_out, device=device, dtype=torch.float64) + 0.5) / f - 0.5).clamp(0, n_in - 1)
+        i0 = src.floor().long()
+        i1 = (i0 + 1).clamp(max=n_in - 1)
+        return i0, i1, (src - i0).float()
+
+    def rows(self, a: int, b: int) -> torch.Tensor:
+        if self.identity is not None:
+            return self.identity[:, a:b]
+        top = self.lx.index_select(1, self.y0[a:b])
+        bot = self.lx.index_select(1, self.y1[a:b])
+        return top.add_(bot.sub_(top).mul_(self.wy[a:b].view(1, -1, 1)))
+
+
+def _sample_bilinear(low: torch.Tensor, f: int, ys: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
+    """The :class:`_Upsampler` value of ``low`` ``[1,C,h,w]`` at full-res pixels ``(ys, xs)`` -> ``[N,C]``."""
+    h, w = low.shape[-2:]
+    sy = ((ys.double() + 0.5) / f - 0.5).clamp(0, h - 1)
+    sx = ((xs.double() + 0.5) / f - 0.5).clamp(0, w - 1)
+    y0, x0 = sy.floor().long(), sx.floor().long()
+    y1, x1 = (y0 + 1).clamp(max=h - 1), (x0 + 1).clamp(max=w - 1)
+    wy, wx = (sy - y0).float(), (sx - x0).float()
+    g = low[0]
+    top = torch.lerp(g[:, y0, x0], g[:, y0, x1], wx)
+    bot = torch.lerp(g[:, y1, x0], g[:, y1, x1], wx)
+    return torch.lerp(top, bot, wy).t()
+
+
+def _subsample(idx: torch.Tensor, n: int, seed: int = 0) -> torch.Tensor:
+    """At most ``n`` entries of a 1-D index tensor, fixed-seed random choice."""
+    if idx.numel() <= n:
+        return idx
+    gen = torch.Generator().manual_seed(seed)
+    return idx[torch.randperm(idx.numel(), generator=gen)[:n].to(idx.device)]
+
+
+# ------------------------------------------------------------------------------------ key colour
+def find_key_color(small: torch.Tensor, bg_hint: torch.Tensor | None = None, clusters: int = 5,
+                   samples: int = 2000, seed: int = 0) -> tuple[torch.Tensor, dict]:
+    """Backdrop colour of a low-res planar image ``[1,3,h,w]`` by K-Means (scikit-learn, fixed seed,
+    on at most ``samples`` pixels).
+
+    With ``bg_hint`` (``[h,w]`` bool: background candidates, e.g. outside a coarse mask) the most
+    populated cluster of those pixels wins, whatever its colour. Without one, a screen is large, touches
+    the frame, is saturated and uniform in chromaticity, so each cluster scores
+    ``(share of pixels + share of the border) * saturation^2 / (chroma spread + 0.02)`` with saturation
+    ``(max - min) / max`` of its centre and spread the median distance of its members' chromaticity
+    ``X / sum(X)`` from the centre's. Returns ``(key [3], info)`` (``info``: share, saturation, spread).
+    """
+    from sklearn.cluster import KMeans
+
+    _, _, h, w = small.shape
+    flat = small[0].reshape(3, -1).t()
+    border = torch.zeros(h, w, dtype=torch.bool, device=small.device)
+    border[0], border[-1], border[:, 0], border[:, -1] = True, True, True, True
+    cand = torch.arange(h * w, device=small.device)
+    if bg_hint is not None:
+        cand = cand[bg_hint.reshape(-1)]
+    idx = _subsample(cand, samples, seed)
+    pts = flat[idx].double().cpu().numpy()
+    onb = border.reshape(-1)[idx].cpu().numpy()
+    k = clusters if float(pts.std(0).max()) > 1e-3 else 1
+    km = KMeans(n_clusters=min(k, len(pts)), n_init=1, random_state=seed, max_iter=50).fit(pts)
+    centres, labels = km.cluster_centers_, km.labels_
+    ratio = pts / np.maximum(pts.sum(1, keepdims=True), 1e-2)
+    best, best_score, stats = 0, -1.0, []
+    for j in range(k):
+        sel = labels == j
+        c = centres[j]
+        share = float(sel.mean())
+        bshare = float((sel & onb).sum()) / max(1, int(onb.sum()))
+        spread = float(np.median(np.linalg.norm(ratio[sel] - c / max(c.sum(), 1e-2), axis=1))) if sel.any() else 1.0
+        sat = float((c.max() - c.min()) / max(c.max(), 1e-3))
+        score = share if bg_hint is not None else (share + bshare) * sat * sat / (spread + 0.02)
+        stats.append({"share": share, "saturation": sat, "spread": spread})
+        if score > best_score:
+            best, best_score = j, score
+    key = torch.from_numpy(centres[best]).float().clamp(0, 1).to(small.device)
+    return key, stats[best]
+
+
+# ------------------------------------------------------------------------------------ plate
+def _ratio_p(x: torch.Tensor) -> torch.Tensor:
+    """Chromaticity ``X / (R + G + B)`` of a planar ``[N,3,h,w]`` tensor (blind to lighting gain)."""
+    return x / x.sum(1, keepdim=True).clamp_min(1e-2)
+
+
+def _poly_design(h: int, w: int, device) -> torch.Tensor:
+    """Quadratic surface basis ``[6, h*w]`` (1, x, y, x^2, xy, y^2) over coordinates in -1..1."""
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, h, device=device), torch.linspace(-1, 1, w, device=device),
+                            indexing="ij")
+    x, y = xx.reshape(-1), yy.reshape(-1)
+    return torch.stack([torch.ones_like(x), x, y, x * x, x * y, y * y], 0)
+
+
+def estimate_plate(small: torch.Tensor, key: torch.Tensor, bg_hint: torch.Tensor | None = None,
+                   gain_tol: float = 0.2, samples: int = 2048) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Clean plate of a low-res planar image ``[1,3,h,w]``: returns ``(plate [1,3,h,w], confident
+    background weight [h,w], chromaticity tolerance)`` (a wide tolerance means a non-uniform backdrop).
+
+    1. Chroma gate on the denoised chromaticity ``r = X / sum(X)``: the screen's chromaticity is the
+       median of the selected pixels (twice), then a quadratic surface fitted to them (twice); each round
+       keeps ``|r - ref| < clamp(3 median|r - ref|, 0.012, 0.08)``. A large transparent region (glass)
+       cannot bend a global quadratic surface, unlike a local average.
+    2. Brightness gate: drop pixels darker than ``(1 - gain_tol)`` x the smooth (sigma = size/16)
+       brightness of the selected pixels around them (dark semi-transparent strands keep the chromaticity).
+    3. Plate = normalised convolution (binomial, sigma = 1 px) of the selection eroded by 1 px,
+       push-pull filled elsewhere.
+    ``bg_hint`` (``[h,w]`` bool, e.g. outside a coarse mask) restricts the selection.
+    """
+    _, _, h, w = small.shape
+    dev = small.device
+    r = _ratio_p(_box3(small))[0].reshape(3, -1)  # denoised, [3, h*w]
+    hint = None if bg_hint is None else bg_hint.reshape(-1)
+    if hint is not None and int(hint.sum()) < 16:
+        hint = None
+    ref = _ratio_p(key.view(1, 3, 1, 1)).view(3, 1)
+    pool = _subsample(torch.arange(h * w, device=dev) if hint is None else hint.nonzero()[:, 0], samples)
+    rp = r[:, pool]
+    # mode seeking: medians within a shrinking radius walk from the K-Means centre (pulled by mixed
+    # pixels) to the densest chromaticity, the bare screen; the radius settles at 3x the median distance
+    radius = 0.1
+    for _ in range(8):
+        near = _sqdist(rp, ref) < radius * radius
+        if int(near.sum()) < 16:
+            break
+        rn = rp[:, near]
+        ref = rn.median(1, keepdim=True).values
+        new_radius = min(max(3.0 * float(_sqdist(rn, ref).median().sqrt()), 0.008), 0.08)
+        if new_radius >= radius * 0.95:
+            radius = min(new_radius, radius)
+            break
+        radius = max(new_radius, radius * 0.6)
+    tol2 = radius * radius
+    sel = _sqdist(r, ref) < tol2
+    if hint is not None:
+        sel = sel & hint
+    if int(sel.sum()) < 16:
+        return key.view(1, 3, 1, 1).expand(1, 3, h, w).clone(), torch.zeros(h, w, device=dev), radius
+    # a quadratic chromaticity surface for screens whose hue drifts (fitted twice)
+    design = _poly_design(h, w, dev)
+    for it in range(2):
+        idx = _subsample(sel.nonzero()[:, 0], samples, it)
+        coef = torch.linalg.lstsq(design[:, idx].t().double(), r[:, idx].t().double()).solution.float()
+        new = _sqdist(r, coef.t() @ design) < tol2
+        if hint is not None:
+            new = new & hint
+        if int(new.sum()) < 16:
+            break
+        sel = new
+    cand = sel.view(1, 1, h, w).float()
+    lum = small.sum(1, keepdim=True)
+    c = max(1, max(h, w) // 32)  # smooth brightness of the selection at ~1/16 of the size
+    lref, den = _norm_blur(F.avg_pool2d(lum * cand, c, ceil_mode=True), F.avg_pool2d(cand, c, ceil_mode=True))
+    lref = push_pull(lref, (den > 0.02).float())
+    lref = F.interpolate(lref, size=(h, w), mode="bilinear", align_corners=False)
+    keep = cand * (lum > (1.0 - gain_tol) * lref).float()
+    if float(keep.sum()) > 16:
+        cand = keep
+    wgt = (_box3(cand) > 0.999).float()  # erode by 1 px
+    if float(wgt.sum()) < 16:
+        wgt = cand
+    smooth, den = _norm_blur(small, wgt)
+    return push_pull(smooth, (den > 0.3).float() * den.clamp(max=1)), wgt[0, 0], radius
+
+
+def _sqdist(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """Squared distances between the columns of planar ``[3,N]`` ``x`` and ``ref`` (``[3,1]`` or ``[3,N]``)."""
+    t = x - ref
+    t = t * t
+    return t[0] + t[1] + t[2]
+
+
+# ------------------------------------------------------------------------------------ alpha / F_l
+def _dot2(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Row-wise ``x . y`` over the last axis."""
+    return torch.einsum("...c,...c->...", x, y)
+
+
+def local_foreground(small: torch.Tensor, plate: torch.Tensor, k: torch.Tensor, n: torch.Tensor,
+                     noise: float, fg_conf: float = 0.05, partial: float = 0.1) -> torch.Tensor:
+    """Local foreground colour ``F_l`` ``[1,3,h,w]`` at low resolution.
+
+    From the colour-difference alpha ``a0 = 1 - s(I)/s(B)``: confident foreground
+    (``a0 > 1 - max(fg_conf, 3 sigma)``) keeps its colour with weight 1, partial pixels (``a0 > partial``)
+    give their unmixed colour ``B + (I - B)/a0`` with weight ``a0^2``; push-pull spreads the weighted
+    colours everywhere (a second pass with the refined alpha changes the dev-set scores by < 1%).
+    """
+    a = (1.0 - _key_signal_p(small, k, n) / _key_signal_p(plate, k, n).clamp_min(1e-3)).clamp(0, 1)[:, None]
+    conf = (a > 1.0 - max(fg_conf, 3.0 * noise)).float()
+    if float(conf.sum()) < 1:
+        return torch.full_like(small, 0.5)
+    unmixed = torch.where(conf > 0, small, (plate + (small - plate) / a.clamp_min(0.05)).clamp(0, 1))
+    wgt = torch.where(a > partial, a * a, torch.zeros_like(a)).maximum(conf)
+    return push_pull(unmixed, wgt)
+
+
+def _noise_level(img, plate_at, bg_small, f, k, n, samples: int = 4096) -> float:
+    """Robust std (1.4826 MAD) of ``a0 = 1 - s(I)/s(B)`` over up to ``samples`` full-resolution pixels of
+    confident background: the sensor / JPEG noise the soft thresholds must absorb."""
+    H, W, _ = img.shape
+    gen = torch.Generator().manual_seed(0)
+    m = min(samples, H * W)
+    ys = torch.randint(0, H, (m,), generator=gen).to(img.device)
+    xs = torch.randint(0, W, (m,), generator=gen).to(img.device)
+    if bg_small is not None:
+        ok = bg_small[ys // f, xs // f] > 0.99
+        ys, xs = ys[ok], xs[ok]
+    if ys.numel() < 32:
+        return 0.01
+    a = 1.0 - key_signal(img[ys, xs], k, n) / key_signal(plate_at(ys, xs), k, n).clamp_min(1e-3)
+    return float(1.4826 * (a - a.median()).abs().median())
+
+
+# ------------------------------------------------------------------------------------ main entry
+@torch.no_grad()
+def greenpost(image: torch.Tensor, mask: torch.Tensor | None = None, plate: torch.Tensor | None = None,
+              key_color: Sequence[float] | torch.Tensor | None = None, *,
+              key_weight: float = 4.0, grey_weight: float = 0.3, despill: float = 1.0, decontaminate: float = 1.0,
+              noise_clip: float = 2.0, mask_margin: float = 0.02, work_size: int = 320, plate_size: int = 160,
+              refine_radius: int = 2, refine_eps: float = 1e-4,
+              strict: bool = False, chunk_pixels: int = 1 << 19) -> GreenPostResult:
+    """Key a batch of green / blue / any-colour screen images (see the module doc for the maths).
+
+    Parameters
+    ----------
+    image : ``[B,H,W,C]`` (or ``[H,W,C]``) float 0..1; ``C`` = 3, 4 (alpha channel ignored) or 1 (grey).
+    mask : optional coarse **alpha** ``[B,H,W]`` (1 = foreground, 0 = background; *not* ComfyUI's
+        LoadImage mask, which is ``1 - alpha``). Outside it (dilated by ``mask_margin`` of the diagonal)
+        pixels pick the key colour and the plate and alpha is 0; inside it (eroded likewise) alpha is 1.
+    plate : optional clean backdrop ``[B,H,W,3]`` (a shot of the empty screen), used as ``B`` directly.
+    key_color : optional ``(r, g, b)`` in 0..1 overriding the K-Means backdrop colour.
+    key_weight, grey_weight : ``w_k``, ``w_g`` in (1): both 1 = projection onto ``B -> F_l``; a large
+        ``w_k`` tends to the colour difference w.r.t. ``F_l``; a small ``w_g`` ignores brightness texture
+        that the low-res ``F_l`` cannot follow.
+    despill : 0..1, share of a positive key signal ``s(F)`` removed from the foreground.
+    decontaminate : ``a_d`` in ``F = F_l + r / max(a, a_d)`` (0 = plain unmixing).
+    noise_clip : width of the soft thresholds near 0 and 1, in noise standard deviations.
+    work_size : long side (px) of the low-res working copy (key colour, plate, ``F_l``).
+    strict : raise :class:`UserError` when an image shows no backdrop colour, instead of returning it as
+        all foreground with a warning.
+    chunk_pixels : full-resolution pixels processed at once (memory vs. overhead).
+
+    Returns a :class:`GreenPostResult`; a batch is processed one image at a time (mixed content is fine).
+    """
+    image = _as_rgb(image, "image")
+    dev = image.device
+    if mask is not None:
+        mask = as_mask(mask, "mask").to(dev)
+        image, mask = broadcast_batch(image, mask, names=["image", "mask"])
+    if plate is not None:
+        plate = _as_rgb(plate, "plate").to(dev)
+        image, plate = broadcast_batch(image, plate, names=["image", "plate"])
+        if mask is not None:
+            mask = broadcast_batch(image, mask, names=["image", "mask"])[1]
+    override = None
+    if key_color is not None:
+        override = torch.as_tensor(key_color, dtype=torch.float32).flatten().to(dev)
+        if override.numel() != 3 or not torch.isfinite(override).all():
+            raise UserError(f"key_color: expected 3 finite components, got {key_color!r}")
+        if (override < 0).any() or (override > 1).any():
+            raise UserError("key_color: components must lie in 0..1")
+    if work_size < 16:
+        raise UserError(f"work_size must be >= 16 px, got {work_size}")
+    bsz, H, W, _ = image.shape
+    opt = dict(key_weight=float(key_weight), grey_weight=float(grey_weight), despill=float(despill), decontaminate=float(decontaminate),
+               noise_clip=float(noise_clip), mask_margin=float(mask_margin), work_size=int(work_size), plate_size=int(plate_size),
+               refine_radius=int(refine_radius), refine_eps=float(refine_eps),
+               strict=bool(strict), chunk_pixels=int(chunk_pixels))
+    alpha = torch.empty(bsz, H, W, device=dev)
+    rgba = torch.empty(bsz, H, W, 4, device=dev)
+    plate_out = torch.empty(bsz, H, W, 3, device=dev)
+    keys = torch.empty(bsz, 3, device=dev)
+    warnings: list[str] = []
+    for i in range(bsz):
+        keys[i] = _key_one(image[i], None if mask is None else mask[i], None if plate is None else plate[i],
+                           override, alpha[i], rgba[i], plate_out[i], i, warnings, opt)
+    return GreenPostResult(foreground=rgba[..., :3], alpha=alpha, rgba=rgba, plate=plate_out,
+                           key_color=keys, warnings=warnings)
+
+
+def _as_rgb(x: torch.Tensor, name: str) -> torch.Tensor:
+    """IMAGE -> float ``[B,H,W,3]`` in 0..1: grey is repeated, an alpha channel dropped, NaN refused,
+    out-of-range values (HDR, +-inf) clamped."""
+    if isinstance(x, torch.Tensor) and x.ndim in (3, 4) and x.shape[-1] == 1:
+        x = x.expand(*x.shape[:-1], 3)
+    x = as_image(x, name, channels=(3, 4))[..., :3]
+    lo, hi = torch.aminmax(x)
+    return x.clamp(0, 1) if (float(lo) < 0 or float(hi) > 1) else x
+
+
+def _key_one(img, mask, user_plate, override, alpha_out, rgba_out, plate_out, index, warnings, opt):
+    """Key one image ``[H,W,3]`` into preallocated outputs; returns its key colour ``[3]``."""
+    H, W, _ = img.shape
+    f = max(1, math.ceil(max(H, W) / opt["work_size"]))
+    small = _downsample(img, f)  # [1,3,h,w]
+    _, _, h, w = small.shape
+
+    # ---- coarse mask -> background hint and alpha bounds (low res)
+    hint_bg = bounds = None
+    if mask is not None:
+        cover = _downsample(mask.unsqueeze(-1), f)  # [1,1,h,w] coverage
+        margin = max(1, round(opt["mask_margin"] * math.hypot(h, w)))
+        binary = (cover > 0.5).float()
+        allowed = _dilate(binary, margin)           # alpha <= allowed
+        forced = _erode(binary, margin)             # alpha >= forced
+        hint_bg = allowed[0, 0] < 0.5
+        bounds = (forced, allowed)
+        if not bool(hint_bg.any()):
+            warnings.append(f"image {index}: the coarse mask leaves no background; key colour and plate "
+                            f"come from the image alone")
+            hint_bg = None
+
+    # ---- key colour and plate work at a coarser level (<= plate_size px; both are smooth)
+    coarse, hint_c, levels = small, hint_bg, 0
+    while max(coarse.shape[-2:]) > opt["plate_size"] and min(coarse.shape[-2:]) >= 16:
+        coarse, levels = _half(coarse), levels + 1
+        hint_c = None if hint_c is None else _half(hint_c.float()[None, None])[0, 0] > 0.99
+    fp = f * 2 ** levels
+    # ---- key colour (and: is there a screen at all?)
+    if override is not None:
+        key = override
+    elif user_plate is not None:
+        key = _downsample(user_plate, f).mean(dim=(0, 2, 3))
+    else:
+        key, info = find_key_color(coarse, hint_c)
+        reason = None
+        if hint_bg is None:
+            if info["saturation"] < 0.25:
+                reason = f"the most screen-like colour {color_hex(key.tolist())} is unsaturated"
+            elif info["spread"] > 10.06:
+                reason = f"the most screen-like colour {color_hex(key.tolist())} is not uniform"
+        if reason is not None:
+            return _no_screen(img, key, index, reason, alpha_out, rgba_out, plate_out, warnings, opt)
+    k, n, _ = key_basis(key)
+
+    # ---- plate (low res), confident background, noise
+    if user_plate is not None:
+        plate_small, bg_small = _downsample(user_plate, f), None
+        plate_at = lambda ys, xs: user_plate[ys, xs]  # noqa: E731
+    else:
+        plate_c, bg_small, spread = estimate_plate(coarse, key, hint_c)
+        if override is None and hint_bg is None and float(bg_small.mean()) < 0.001:
+            reason = f"only {float(bg_small.mean()):.1%} of the image matches {color_hex(key.tolist())}"
+            return _no_screen(img, key, index, reason, alpha_out, rgba_out, plate_out, warnings, opt)
+        plate_at = lambda ys, xs: _sample_bilinear(plate_c, fp, ys, xs)  # noqa: E731
+        plate_small = plate_c
+        for lv in range(levels - 1, -1, -1):
+            plate_small = _double(plate_small, tuple(math.ceil(v / 2 ** lv) for v in small.shape[-2:]))
+    if float(key_signal(plate_small.mean(dim=(0, 2, 3)), k, n)) < 0.02:
+        warnings.append(f"image {index}: the backdrop {color_hex(key.tolist())} is nearly grey; colour keying "
+                        f"is unreliable (give a coarse mask or a plate)")
+    noise = _noise_level(img, plate_at, bg_small, fp, k, n)
+
+    # ---- local foreground colour (low res)
+    fl_small = local_foreground(small, plate_small, k, n, noise)
+
+    # ---- alpha terms at low res: a = <d, e>_M / <e, e>_M = d . u with u = M e / <e, e>_M  (eq. 1)
+    e_small = fl_small - plate_small
+    gv = torch.tensor(_GREY, device=img.device)
+    me = (e_small + (opt["key_weight"] - 1.0) * _dotp(e_small, k)[:, None] * k.view(1, 3, 1, 1)
+          + (opt["grey_weight"] - 1.0) * _dotp(e_small, gv)[:, None] * gv.view(1, 3, 1, 1))
+    u = me / (e_small * me).sum(1, keepdim=True).clamp_min(1e-3)
+    inv_sb = _key_signal_p(plate_small, k, n)[:, None].clamp_min(1e-3).reciprocal()
+    maps = [u, inv_sb] if user_plate is not None else [plate_small, u, inv_sb]
+    if bounds is not None:
+        maps += list(bounds)
+    up1 = _Upsampler(torch.cat(maps, 1), f, H, W)
+    up2 = _Upsampler(e_small, f, H, W)
+    _full_res(img, user_plate, up1, up2, k, n, noise, opt, alpha_out, rgba_out, plate_out, bounds is not None)
+    return key
+
+
+def _box5(x: torch.Tensor, r: int) -> torch.Tensor:
+    """``(2r+1)^2`` box mean of ``[C,n,W]`` with replicate borders (shifted adds)."""
+    p = F.pad(x.unsqueeze(0), (r, r, r, r), mode="replicate")[0]
+    acc = p[..., 0: p.shape[-1] - 2 * r].clone()
+    for i in range(1, 2 * r + 1):
+        acc += p[..., i: p.shape[-1] - 2 * r + i]
+    out = acc[:, 0: acc.shape[1] - 2 * r].clone()
+    for i in range(1, 2 * r + 1):
+        out += acc[:, i: acc.shape[1] - 2 * r + i]
+    return out.mul_(1.0 / (2 * r + 1) ** 2)
+
+
+def _full_res(img, user_plate, up1, up2, k, n, noise, opt, alpha_out, rgba_out, plate_out, has_bounds):
+    """Full resolution, in bands of rows (planar maths, interleaved outputs).
+
+    Pass 1: alpha by eq. (1) (``a = d . u``), soft thresholds; the guide ``g = 1 - s(I)/s(B)`` (the
+    colour-difference alpha, unclipped). Pass 2 (bands with a ``2r`` halo): guided-filter refinement of
+    alpha with ``g`` as the guide (He et al.: in each ``(2r+1)^2`` window ``a ~ A g + b`` by least squares,
+    ``A = cov(g, a) / (var(g) + eps)``, averaged over the windows covering a pixel), which removes sensor
+    noise and JPEG blocks while keeping every edge the key signal shows; then mask bounds, unmixing,
+    despill.
+    """
+    H, W, _ = img.shape
+    rows = max(1, opt["chunk_pixels"] // W)
+    t = min(max(opt["noise_clip"] * noise, 0.004), 0.15)
+    a_d = max(opt["decontaminate"], 1e-3)
+    spill = opt["despill"]
+    kc = [float(v) for v in k]
+    nc = [float(v) for v in n]
+    r, eps = opt["refine_radius"], opt["refine_eps"]
+    a_buf = torch.empty(H, W, device=img.device)
+    g_buf = torch.empty(H, W, device=img.device) if r > 0 else None
+    bnd_buf = torch.empty(2, H, W, device=img.device) if has_bounds else None
+    for y0 in range(0, H, rows):
+        y1 = min(H, y0 + rows)
+        I = img[y0:y1]
+        m = up1.rows(y0, y1)
+        if user_plate is None:
+            B, u, inv_sb, rest = m[0:3], m[3:6], m[6], m[7:]
+            for c in range(3):
+                plate_out[y0:y1, :, c] = B[c]
+        else:
+            B, u, inv_sb, rest = user_plate[y0:y1].permute(2, 0, 1), m[0:3], m[3], m[4:]
+        a = (I[..., 0] - B[0]).mul_(u[0])
+        a.addcmul_(I[..., 1] - B[1], u[1]).addcmul_(I[..., 2] - B[2], u[2])
+        a_buf[y0:y1] = soft_clip(a, t)
+        if has_bounds:
+            bnd_buf[:, y0:y1] = rest
+        if g_buf is not None:
+            ik = I[..., 0] * kc[0]
+            ik.add_(I[..., 1], alpha=kc[1]).add_(I[..., 2], alpha=kc[2])
+            inn = I[..., 0] * nc[0]
+            inn.add_(I[..., 1], alpha=nc[1]).add_(I[..., 2], alpha=nc[2])
+            g_buf[y0:y1] = ik.mul_(-SQ6_2).add_(inn.abs_().mul_(SQ2_2)).mul_(inv_sb).add_(1.0)
+    if user_plate is not None:
+        plate_out.copy_(user_plate)
+    for y0 in range(0, H, rows):
+        y1 = min(H, y0 + rows)
+        if g_buf is not None:
+            ya, yb = max(0, y0 - 2 * r), min(H, y1 + 2 * r)
+            g, p = g_buf[ya:yb], a_buf[ya:yb]
+            mean = _box5(torch.stack([g, p, g * p, g * g]), r)
+            mg, mp = mean[0], mean[1]
+            A = (mean[2] - mg * mp).div_(mean[3].sub_(mg * mg).add_(eps))
+            mean = _box5(torch.stack([A, mp.sub_(A * mg)]), r)
+            a = mean[0].mul_(g).add_(mean[1])[y0 - ya: y0 - ya + (y1 - y0)]
+            a = soft_clip(a, 0.5 * t)
+        else:
+            a = a_buf[y0:y1]
+        if has_bounds:
+            a = torch.minimum(torch.maximum(a, bnd_buf[0, y0:y1]), bnd_buf[1, y0:y1])
+        alpha_out[y0:y1] = a
+        # F = F_l + (d - a e) / max(a, a_d) = B + p d + q e,  p = 1 / max(a, a_d),  q = 1 - a p
+        I = img[y0:y1]
+        Bi = plate_out[y0:y1]
+        e = up2.rows(y0, y1)
+        pinv = a.clamp_min(a_d).reciprocal_()
+        q = torch.addcmul(torch.ones_like(a), a, pinv, value=-1.0)
+        fg = [torch.addcmul(Bi[..., c], pinv, I[..., c] - Bi[..., c]).addcmul_(q, e[c]) for c in range(3)]
+        if spill > 0:
+            fk = fg[0] * kc[0]
+            fk.add_(fg[1], alpha=kc[1]).add_(fg[2], alpha=kc[2])
+            fn = fg[0] * nc[0]
+            fn.add_(fg[1], alpha=nc[1]).add_(fg[2], alpha=nc[2])
+            s = fk.mul_(SQ6_2).sub_(fn.abs_().mul_(SQ2_2)).clamp_min_(0).mul_(spill / SQ6_2)
+            for c in range(3):
+                fg[c].sub_(s, alpha=kc[c])
+        out = rgba_out[y0:y1]
+        for c in range(3):
+            out[..., c] = fg[c].clamp_(0, 1)
+        out[..., 3] = a
+
+
+def _no_screen(img, key, index, reason, alpha_out, rgba_out, plate_out, warnings, opt):
+    msg = f"image {index}: no backdrop colour found ({reason}); returned as all foreground"
+    if opt["strict"]:
+        raise UserError(msg)
+    warnings.append(msg)
+    alpha_out.fill_(1.0)
+    rgba_out[..., :3] = img
+    rgba_out[..., 3] = 1.0
+    plate_out.copy_(img)
+    return key
