@@ -112,8 +112,178 @@ def default_input(ctx: WorkflowContext, filename: str) -> None:
     ctx.truth[filename] = s
 
 
+def _trimap_inputs(ctx: WorkflowContext) -> None:
+    """A composite photo and its trimap (0/128/255 from the exact alpha, 4 px unknown band)."""
+    h, w = INPUT_HW
+    s = _sample(h, w, seed=11, style="pure")
+    a = torch.from_numpy(s.alpha)[None]
+    from diffusion_matting.py.alpha import trimap_from_mask
+    band = (a > 0.02) & (a < 0.98)
+    tri, _ = trimap_from_mask((a > 0.5).float(), erode_px=3, dilate_px=3)
+    tri[band] = 0.5
+    u8 = lambda x: (np.clip(x, 0, 1) * 255 + 0.5).astype(np.uint8)  # noqa: E731
+    ctx.add_input_image("dm_trimap_photo.png", u8(s.image))
+    t8 = np.round(tri[0].numpy() * 255).astype(np.uint8)
+    t8[t8 == 127] = 128
+    ctx.add_input_image("dm_trimap.png", np.repeat(t8[..., None], 3, -1))
+    ctx.truth["trimap"] = (s, tri[0].numpy())
+
+
+def _trimap_check(ctx: WorkflowContext) -> None:
+    s, tri = ctx.truth["trimap"]
+    nid = next(k for k, v in ctx.prompt.items() if v["class_type"] == "DM_TrimapMatting")
+    alpha = _np(ctx.run.output(nid, 0))[0]
+    unknown = tri == 0.5
+    # known regions are respected exactly; the unknown band is solved far better than a flat 0.5 guess
+    np.testing.assert_array_equal(alpha[tri == 1.0], 1.0)
+    np.testing.assert_array_equal(alpha[tri == 0.0], 0.0)
+    err = float(np.abs(alpha - s.alpha)[unknown].mean())
+    flat = float(np.abs(0.5 - s.alpha)[unknown].mean())
+    assert err < 0.5 * flat, (err, flat)
+
+
+DRIP_HW = (54, 74)  # not a multiple of 8: DRIP pads to 56 x 80 (7 x 10 latents) and crops back
+DRIP_FILES = {"drip": "drip-sd2-v.safetensors", "vae": "vae-ft-mse-840000-ema-pruned.safetensors",
+              "transparency_decoders": "drip-transparency-decoder.safetensors"}
+
+
+def _random_like(state: dict, seed: int) -> dict:
+    """Random weights for a state dict: unit norms, zero biases, 1/sqrt(fan_in) kernels (finite, O(1) signals)."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for k, v in state.items():
+        if not v.is_floating_point():
+            out[k] = v
+        elif "norm" in k and k.endswith("weight"):
+            out[k] = torch.ones_like(v)
+        elif k.endswith("bias"):
+            out[k] = torch.zeros_like(v)
+        else:
+            out[k] = torch.randn(v.shape, generator=g) / max(1, v[0].numel()) ** 0.5
+    return out
+
+
+def _drip_inputs(ctx: WorkflowContext) -> None:
+    """Photo + coarse mask image, and random-weight model files under the names the workflow uses:
+    a tiny DRIP UNet of the SD2 architecture (v-prediction, LDM keys), a full-size SD VAE (VAELoader
+    only recognises the real architecture) and a small transparency decoder."""
+    from comfy.ldm.models.autoencoder import AutoencoderKL
+    from diffusion_matting.py import transparency_decoder as TD
+    from diffusion_matting.py.drip import model as M
+    from diffusion_matting.py.drip.checkpoint import save_drip
+
+    h, w = DRIP_HW
+    s = _sample(h, w, seed=5, style="studio")
+    u8 = lambda x: (np.clip(x, 0, 1) * 255 + 0.5).astype(np.uint8)  # noqa: E731
+    ctx.add_input_image("dm_drip_photo.png", u8(s.image))
+    coarse = (s.alpha > 0.5).astype(np.float32)
+    ctx.add_input_image("dm_drip_mask.png", np.repeat(u8(coarse)[..., None], 3, -1))
+    ctx.truth["drip"] = s
+
+    torch.manual_seed(0)
+    unet = M.build_unet(M.drip_config(M.base_config("sd2", tiny=True)))
+    path = harness.model_path("drip", DRIP_FILES["drip"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_drip(path, unet.state_dict(), unet.config, base_family="sd2", prediction_type="v_prediction",
+              text_embedding=torch.randn(1, 77, 1024) * 0.5, layout="ldm")
+
+    ddconfig = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
+                "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
+    probe = AutoencoderKL(ddconfig=ddconfig, embed_dim=4)  # the model comfy.sd.VAE builds for these keys
+    vae_sd = _random_like(probe.state_dict(), seed=3)
+    del probe
+    ctx.add_model_file("vae", DRIP_FILES["vae"], {k: v.half() for k, v in vae_sd.items()})
+
+    dec = TD.TransparencyDecoder(TD.TransparencyDecoderConfig(base_channels=16, channel_mult=(1, 2, 2, 2),
+                                                              hint_channels=16))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # trained-like: the zero-initialised output / hint convs made non-zero
+        for conv in (dec.conv_out, dec.hint_fg.zero, dec.hint_alpha.zero):
+            conv.weight.copy_(torch.randn(conv.weight.shape, generator=g) * 0.05)
+    TD.save_decoder(dec, harness.model_path("transparency_decoders", DRIP_FILES["transparency_decoders"]),
+                    vae_family="sd")
+    harness.refresh_file_lists()
+
+
+def _drip_check(ctx: WorkflowContext) -> None:
+    with torch.inference_mode():  # the run's tensors are inference tensors
+        _drip_check_impl(ctx)
+
+
+def _drip_check_impl(ctx: WorkflowContext) -> None:
+    from diffusion_matting.py import transparency_decoder as TD
+
+    h, w = DRIP_HW
+    (tri_id,) = harness.nodes_of(ctx.prompt, "DM_TrimapFromMask")
+    (samp_id,) = harness.nodes_of(ctx.prompt, "DM_DRIPSampler")
+    (td_id,) = harness.nodes_of(ctx.prompt, "DM_DRIPTransparencyDecode")
+    tri = _np(ctx.run.output(tri_id))[0]
+    assert tri.shape == (h, w) and (tri == 0.5).any() and (tri == 1).any() and (tri == 0).any()
+    # the trimap comes from the coarse mask we wrote (white = foreground)
+    coarse = ctx.inputs["dm_drip_mask.png"]["rgb"][..., 0] > 127
+    assert coarse[tri == 1].all() and not coarse[tri == 0].any()
+
+    fg_l, al_l = (ctx.run.output(samp_id, i)["samples"] for i in (0, 1))
+    assert tuple(fg_l.shape) == tuple(al_l.shape) == (1, 4, -(-h // 8), -(-w // 8)), fg_l.shape
+    assert torch.isfinite(fg_l).all() and torch.isfinite(al_l).all()
+    assert (fg_l - al_l).abs().max() > 1e-2, "fg and alpha branches collapsed to one latent"
+
+    # DRIP Sampler's own alpha = plain VAE decode of its alpha latent (channel mean), clamped, trimap enforced
+    vae = ctx.upstream(td_id, "vae")
+    dec_a = vae.decode(al_l)[:, :h, :w, :3].float().cpu()  # 3 channels whose mean is alpha
+    plain_a = dec_a.mean(-1).clamp(0, 1)[0].numpy()
+    plain_f = vae.decode(fg_l)[:, :h, :w, :3].float().clamp(0, 1)
+    plain_a = np.where(tri == 1, 1.0, np.where(tri == 0, 0.0, plain_a))
+    np.testing.assert_allclose(_np(ctx.run.output(samp_id, 3))[0], plain_a, atol=1e-5)
+    np.testing.assert_allclose(_np(ctx.run.output(samp_id, 2)), _np(plain_f), atol=1e-5)
+
+    fg, alpha, rgba = (_np(ctx.run.output(td_id, i)) for i in range(3))
+    assert fg.shape == (1, h, w, 3) and alpha.shape == (1, h, w) and rgba.shape == (1, h, w, 4)
+    for x in (fg, alpha, rgba):
+        assert np.isfinite(x).all() and x.min() >= 0 and x.max() <= 1
+    a = alpha[0]
+    np.testing.assert_array_equal(a[tri == 1], 1.0)   # known regions respected exactly
+    np.testing.assert_array_equal(a[tri == 0], 0.0)
+    np.testing.assert_array_equal(rgba[..., :3], fg)  # RGBA = straight fg + alpha
+    np.testing.assert_array_equal(rgba[..., 3], alpha)
+    # the decoder refined the plain decode (the unknown band moved) ...
+    unknown = tri == 0.5
+    assert np.abs(a - plain_a)[unknown].max() > 1e-3
+    # ... exactly as the core does with the decoder file on disk
+    model, _ = TD.load_decoder(harness.model_path("transparency_decoders", DRIP_FILES["transparency_decoders"]))
+    image = ctx.upstream(td_id, "image").float().cpu()
+    inp = ctx.prompt[td_id]["inputs"]
+    want_f, want_a = TD.refine_bhwc(model, image, torch.from_numpy(tri)[None], plain_f.cpu(),
+                                    dec_a, fg_l.cpu(), al_l.cpu(), tile=int(inp["tile_size"]),
+                                    overlap=int(inp["overlap"]), flip_tta=bool(inp["flip_tta"]))
+    np.testing.assert_allclose(a, want_a[0].numpy(), atol=1e-4)
+    np.testing.assert_allclose(fg, want_f.numpy(), atol=1e-4)
+    # end to end: the RGBA PNG on disk is the decoder's output at the photo's size
+    (save_id,) = harness.nodes_of(ctx.prompt, "SaveImage")
+    (png,) = ctx.run.files(save_id)
+    arr = np.asarray(Image.open(png))
+    assert arr.shape == (h, w, 4)
+    np.testing.assert_array_equal(arr[..., 3][tri == 1], 255)
+    np.testing.assert_array_equal(arr[..., 3][tri == 0], 0)
+
+
+def _greenpost_check(ctx: WorkflowContext) -> None:
+    s = ctx.truth["dm_greenscreen.png"]
+    nid = next(k for k, v in ctx.prompt.items() if v["class_type"] == "DM_GreenPost")
+    alpha, rgba = _np(ctx.run.output(nid, 1))[0], _np(ctx.run.output(nid, 2))[0]
+    np.testing.assert_array_equal(rgba[..., 3], alpha)
+    err = float(np.abs(alpha - s.alpha).sum())
+    trivial = float(min(np.abs(s.alpha).sum(), np.abs(1 - s.alpha).sum()))
+    assert err < 0.35 * trivial, (err, trivial)
+    key = ctx.run.output(nid, 4)
+    assert str(key).startswith("#") and len(str(key)) == 7
+
+
 SPECS: dict[str, Spec] = {
+    "greenpost_key_photo.json": Spec(check=_greenpost_check),
     "alpha_tools.json": Spec(),
+    "trimap_matting.json": Spec(setup=_trimap_inputs, check=_trimap_check),
+    "drip_matting.json": Spec(setup=_drip_inputs, check=_drip_check),
 }
 
 
