@@ -2,9 +2,9 @@
 
 After DiffuMatting (ECCV 2024, sec. 3.5, "GreenPost"): a coarse mask (optional) tells background pixels,
 K-Means finds the backdrop colour, a clean background plate is built, and known-background matting gives
-a matting-level alpha. The paper used BackgroundMattingV2 for the last step (weights unavailable); this
-module replaces it by a closed-form per-pixel estimator against the plate, so it needs no weights and
-keys a 4K frame in about a second on a laptop CPU. Everything is torch, so it runs on the caller's device.
+a matting-level alpha. The paper used BackgroundMattingV2 for the last step (weights unavailable); here a
+closed-form estimator against the plate replaces it: no weights, a 4K frame in about half a second of one
+CPU core. Everything is torch (float32), so it runs on the caller's device.
 
 Model
 -----
@@ -16,47 +16,59 @@ With ``B`` known that is 3 equations for 4 unknowns (``a`` and ``F``). GreenPost
 foreground colour ``F_l`` (below) and solves for ``a`` by weighted least squares along the line
 ``B -> F_l``::
 
-    a = argmin_a | W (I - B - a (F_l - B)) |^2 = <d, e>_M / <e, e>_M,   d = I - B,  e = F_l - B,
-    <u, v>_M = u . v + (w_k - 1) (u . k)(v . k)                                             (1)
+    a = argmin_a |I - B - a (F_l - B)|_M^2 = <d, e>_M / <e, e>_M,      d = I - B,  e = F_l - B,
+    <u, v>_M = u . v + (w_k - 1) (u . k)(v . k) + (w_g - 1) (u . g)(v . g)                       (1)
 
-``k`` is the unit *key direction*: the chroma of the key colour ``K`` (``K`` minus its grey part,
-normalised). With ``w_k = 1`` (1) is the projection of ``d`` onto ``e``; a large ``w_k`` trusts the key
-axis most, where a screen separates from any subject best, and tends to the colour-difference
-key ``a = (s(B) - s(I)) / (s(B) - s(F_l))`` with the *key signal*::
+``g`` is the grey axis and ``k`` the unit *key direction*: the chroma of the key colour ``K`` (``K`` minus
+its grey part, normalised). With ``w_k = w_g = 1`` (1) is the projection of ``d`` onto ``e``. A screen
+separates from any subject best along ``k``, so ``w_k = 4``; brightness texture (hair, fabric) is finer
+than the low-resolution ``F_l`` can follow, so ``w_g = 0.3``. For ``w_k -> inf`` (1) becomes the
+colour-difference key ``a = (s(B) - s(I)) / (s(B) - s(F_l))`` with the *key signal*::
 
-    s(X) = sqrt(6)/2 (X . k) - sqrt(2)/2 |X . n|,      n = unit(g x k), g = grey axis            (2)
+    s(X) = sqrt(6)/2 (X . k) - sqrt(2)/2 |X . n|,      n = unit(g x k)                             (2)
 
 which is exactly the classic ``G - max(R, B)`` for a pure green key, rotated to any hue. The classic
-keyer takes ``s(F) = 0``; that doubles the alpha of a red subject (``s(F) < 0``) and thins a plant
-(``s(F) > 0``), hence ``F_l``.
+keyer assumes ``s(F) = 0``; that doubles the alpha of a red subject (``s(F) < 0``) and thins a plant
+(``s(F) > 0``), hence ``F_l``. At full resolution (1) is one dot product, ``a = d . u`` with
+``u = M e / <e, e>_M`` precomputed at low resolution and bilinearly upsampled.
 
-Local foreground colour ``F_l`` (low resolution): start from the colour-difference alpha
-``a0 = 1 - s(I)/s(B)``; colours of confident foreground (``a > 1 - max(fg_conf, 3 sigma)``) and the unmixed
-colours ``B + (I - B)/a`` of partial pixels (``a > 0.4``, weight ``a^2``) are spread by push-pull
-(a weighted image pyramid, filled coarse to fine); ``a`` is recomputed with (1) and ``F_l`` once more.
+Local foreground colour ``F_l`` (working resolution, <= ``work_size`` px): from the colour-difference alpha
+``a0 = 1 - s(I)/s(B)``, confident foreground (``a0 > 1 - max(fg_conf, 3 sigma)``) keeps its colour with
+weight 1, partial pixels (``a0 > 0.1``) give their unmixed colour ``B + (I - B)/a0`` with weight ``a0^2``,
+and push-pull (a weighted image pyramid, filled coarse to fine) spreads them everywhere.
 
-Noise: ``sigma`` = robust std (1.4826 MAD) of ``a0`` over full-resolution confident-background samples.
-Alpha is then passed through a soft threshold of width ``t = noise_clip * sigma`` at both ends:
-``0`` below ``t``, ``2 (a - t)`` on ``[t, 2t]``, unchanged above (mirrored near 1), so values buried in
-the noise snap to 0 / 1 while real semi-transparency survives.
+Noise and refinement: ``sigma`` = robust std (1.4826 MAD) of ``a0`` over full-resolution
+confident-background samples. Alpha goes through soft thresholds of width ``t = noise_clip * sigma``
+(``0`` below ``t``, ``2 (a - t)`` on ``[t, 2t]``, unchanged above, mirrored near 1), then a guided filter
+(He et al. 2010) with the unclipped colour-difference alpha as the guide: in every ``(2r+1)^2`` window
+``a ~ A g + b`` by least squares (``A = cov(g, a) / (var(g) + eps)``), averaged over the windows covering
+a pixel; it removes sensor noise and JPEG blocks and keeps every edge that the key signal shows.
 
-Plate (low resolution): backdrop pixels keep the screen's *chromaticity* ``X / (R + G + B)`` however lit
-(uneven light, vignetting), while mixing in any non-black subject moves it. The screen chromaticity is
-estimated robustly (median, then a quadratic surface for screens whose hue drifts), with a tolerance of
-3x the median distance of the selected pixels (it follows the noise); pixels much darker than the smooth
-brightness of their backdrop neighbours (dark semi-transparent strands) are dropped. The plate is the
-normalised-convolution average of what is left, filled under the subject by push-pull, then bilinearly
-upsampled (a user plate replaces all this).
+Plate (<= ``plate_size`` px): backdrop pixels keep the screen's *chromaticity* ``X / (R + G + B)`` however
+lit (uneven light, vignetting), while mixing in any non-black subject moves it. The screen chromaticity
+is found by mode seeking (medians within a shrinking radius, from the K-Means centre to the densest
+chromaticity) with a tolerance of 3x the median distance (it follows the noise), then a quadratic
+surface for screens whose hue drifts (a large transparent region such as glass cannot bend it); pixels
+much darker than the smooth brightness of their backdrop neighbours (dark semi-transparent strands) are
+dropped. The plate is the normalised-convolution average of what is left, filled under the subject by
+push-pull, then bilinearly upsampled. A user plate replaces all this.
 
-Foreground: unmixing ``F = (I - (1 - a) B) / a = F_l + r / a`` with ``r = d - a e`` the residual off the
-``B -> F_l`` line amplifies noise and backdrop leftovers as ``a -> 0``; GreenPost uses
-``F = F_l + r / max(a, a_d)`` (``a_d = decontaminate``): opaque pixels are unmixed exactly, faint ones
-borrow the nearby confident colour. Spill is removed by taking a positive key signal out along ``k``
-(``F -= despill * max(s(F), 0) * 2/sqrt(6) * k``, luminance preserving). All colour is straight.
+Foreground: unmixing ``F = (I - (1 - a) B) / a = F_l + r / a`` (``r = d - a e``, the residual off the
+``B -> F_l`` line) amplifies noise and backdrop leftovers as ``a -> 0``. GreenPost uses
+``F = F_l + r / max(a, a_d)``; with the default ``a_d = decontaminate = 1`` that is
+``F = I + (1 - a)(F_l - B) = a F_true + (1 - a) F_l``: opaque pixels keep their observed colour, faint
+ones borrow the nearby confident colour in proportion to their transparency. Spill is removed by taking a
+positive key signal out along ``k``: ``F -= despill * max(s(F), 0) * 2/sqrt(6) * k`` (luminance kept).
+All colour is straight (not premultiplied).
+
+No screen: without a mask, plate or key override, an image whose most screen-like colour is unsaturated
+or nearly grey, or whose backdrop candidates vary too much in chromaticity (foliage, a room), or match
+almost nowhere, is returned as all foreground with a warning (``strict=True``: a :class:`UserError`).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -65,7 +77,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .alpha import as_image, as_mask, broadcast_batch
+from .alpha import as_mask, broadcast_batch
 from .errors import UserError
 
 SQ6_2 = math.sqrt(6.0) / 2.0
@@ -110,12 +122,12 @@ def key_basis(key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
 
 def _dot(x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """``x . v`` over the last axis (size 3); faster than a matmul/reduction over a size-3 axis."""
-    return torch.einsum("...c,c->...", x, v)
+    return torch.einsum("...c,c->...", x, v.to(x))
 
 
 def _dotp(x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """``x . v`` over axis 1 of a planar ``[N,3,h,w]`` tensor -> ``[N,h,w]``."""
-    return torch.einsum("nchw,c->nhw", x, v)
+    return torch.einsum("nchw,c->nhw", x, v.to(x))
 
 
 def key_signal(x: torch.Tensor, k: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
@@ -135,11 +147,13 @@ def color_hex(rgb: Sequence[float]) -> str:
 def soft_clip(a: torch.Tensor, t: float) -> torch.Tensor:
     """Noise-aware soft thresholds: 0 below ``t``, ``2 (a - t)`` on ``[t, 2t]``, unchanged in between,
     mirrored near 1 (continuous), clamped to 0..1."""
+    t = min(float(t), 0.25)
     if t <= 0:
         return a.clamp(0, 1)
-    a = torch.where(a < 2 * t, 2.0 * (a - t), a)
-    a = torch.where(a > 1 - 2 * t, 2.0 * (a + t) - 1.0, a)
-    return a.clamp_(0, 1)
+    # max(min(a, 2a - 2t), 2a + 2t - 1): the lower ramp wins below 2t, the upper one above 1 - 2t
+    b = a * 2.0
+    lower = torch.minimum(a, b - 2.0 * t)
+    return torch.maximum(lower, b.add_(2.0 * t - 1.0), out=lower).clamp_(0, 1)
 
 
 # ------------------------------------------------------------------------------------ low-res tools
@@ -162,21 +176,15 @@ def _norm_blur(values: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor
 
 
 def _half(x: torch.Tensor) -> torch.Tensor:
-    """2x2 mean of ``[N,C,h,w]`` (an odd last row/column is replicated first): ``ceil(h/2) x ceil(w/2)``."""
-    if x.shape[-1] % 2 or x.shape[-2] % 2:
-        x = F.pad(x, (0, x.shape[-1] % 2, 0, x.shape[-2] % 2), mode="replicate")
+    """2x2 mean of ``[N,C,h,w]`` (a ragged last row/column averages what exists): ``ceil(h/2) x ceil(w/2)``."""
+    if x.shape[-1] * x.shape[-2] < 16384 or x.shape[-1] % 2 or x.shape[-2] % 2:
+        return F.avg_pool2d(x, 2, ceil_mode=True)  # fastest for small maps
     return (x[..., 0::2, 0::2] + x[..., 1::2, 0::2] + x[..., 0::2, 1::2] + x[..., 1::2, 1::2]) * 0.25
 
 
-def _double(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Bilinear 2x upsampling (half-pixel centres, edges clamped) of ``[N,C,h,w]``, cropped to ``size``;
-    the inverse geometry of :func:`_half`."""
-    p = F.pad(x, (1, 1, 0, 0), mode="replicate")
-    even, odd = 0.25 * p[..., :-2] + 0.75 * x, 0.75 * x + 0.25 * p[..., 2:]
-    x = torch.stack([even, odd], -1).flatten(-2)[..., : size[1]]
-    p = F.pad(x, (0, 0, 1, 1), mode="replicate")
-    even, odd = 0.25 * p[..., :-2, :] + 0.75 * x, 0.75 * x + 0.25 * p[..., 2:, :]
-    return torch.stack([even, odd], -2).flatten(-3, -2)[..., : size[0], :]
+def _up(x: torch.Tensor, size) -> torch.Tensor:
+    """Bilinear resize of ``[N,C,h,w]`` to ``size`` (half-pixel centres)."""
+    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
 
 
 def _box3(x: torch.Tensor) -> torch.Tensor:
@@ -201,7 +209,7 @@ def push_pull(values: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         x = _half(x)
     est = x[:, :-1] / x[:, -1:].clamp_min(1e-8)
     for lx in reversed(levels):
-        up = _double(est, lx.shape[-2:])
+        up = _up(est, lx.shape[-2:])
         lw = lx[:, -1:]
         est = torch.lerp(up, lx[:, :-1] / lw.clamp_min(1e-8), (2.0 * lw).clamp(max=1.0))
     return est
@@ -217,41 +225,44 @@ def _dilate(binary: torch.Tensor, r: int) -> torch.Tensor:
 
 
 def _downsample(img: torch.Tensor, f: int) -> torch.Tensor:
-    """``[H,W,C]`` -> planar ``[1,C,ceil(H/f),ceil(W/f)]`` area average (ragged border cells average what
-    exists)."""
-    x = img.permute(2, 0, 1).unsqueeze(0)
-    return F.avg_pool2d(x, f, ceil_mode=True) if f > 1 else x.contiguous()
+    """``[H,W,C]`` -> planar ``[1,C,ceil(H/f),ceil(W/f)]`` area average; ragged border cells average the
+    pixels that exist. Sums whole row groups first (contiguous, fast), then column groups."""
+    H, W, C = img.shape
+    if f == 1:
+        return img.permute(2, 0, 1).unsqueeze(0).contiguous()
+    h, w = -(-H // f), -(-W // f)
+    Hc, Wc = (H // f) * f, (W // f) * f
+    rows = img[:Hc].reshape(H // f, f, W, C).sum(1)
+    if Hc < H:
+        rows = torch.cat([rows, img[Hc:].sum(0, keepdim=True)], 0)  # [h, W, C]
+    out = rows[:, :Wc].reshape(h, W // f, f, C).sum(2)
+    if Wc < W:
+        out = torch.cat([out, rows[:, Wc:].sum(1, keepdim=True)], 1)  # [h, w, C]
+    cy = torch.full((h,), float(f), device=img.device)
+    cx = torch.full((w,), float(f), device=img.device)
+    cy[-1], cx[-1] = H - (h - 1) * f, W - (w - 1) * f
+    out = out / (cy.view(-1, 1, 1) * cx.view(1, -1, 1))
+    return out.permute(2, 0, 1).unsqueeze(0).contiguous()
 
 
 class _Upsampler:
     """Bilinear upsampling of a low-res planar map ``[1,C,h,w]`` made by :func:`_downsample` with factor
     ``f`` (cell centres at full-res ``(i + 0.5) f - 0.5``, edges clamped) to planar ``[C,H,W]``, a band of
-    rows at a time: the horizontal pass is done once at low height, each band then blends two rows."""
+    rows at a time (no full-size temporaries): ``F.interpolate`` with ``scale_factor=f`` on the few
+    low-res rows the band needs (one row of margin each side, so sub-block edges never clamp)."""
 
     def __init__(self, low: torch.Tensor, f: int, height: int, width: int):
-        low = low[0]  # [C,h,w]
-        self.identity = low if f == 1 else None
-        if f == 1:
-            return
-        h, w = low.shape[-2:]
-        x0, x1, wx = self._coords(width, w, f, low.device)
-        left = low.index_select(2, x0)
-        self.lx = left.add_(low.index_select(2, x1).sub_(left).mul_(wx))  # [C,h,W]
-        self.y0, self.y1, self.wy = self._coords(height, h, f, low.device)
-
-    @staticmethod
-    def _coords(n_out: int, n_in: int, f: int, device):
-        src = ((torch.arange(n_out, device=device, dtype=torch.float64) + 0.5) / f - 0.5).clamp(0, n_in - 1)
-        i0 = src.floor().long()
-        i1 = (i0 + 1).clamp(max=n_in - 1)
-        return i0, i1, (src - i0).float()
+        self.low, self.f, self.W = low, f, width
 
     def rows(self, a: int, b: int) -> torch.Tensor:
-        if self.identity is not None:
-            return self.identity[:, a:b]
-        top = self.lx.index_select(1, self.y0[a:b])
-        bot = self.lx.index_select(1, self.y1[a:b])
-        return top.add_(bot.sub_(top).mul_(self.wy[a:b].view(1, -1, 1)))
+        f = self.f
+        if f == 1:
+            return self.low[0, :, a:b]
+        h = self.low.shape[-2]
+        j0, j1 = max(0, a // f - 1), min(h, (b - 1) // f + 2)
+        up = F.interpolate(self.low[:, :, j0:j1], scale_factor=f, mode="bilinear", align_corners=False,
+                           recompute_scale_factor=False)
+        return up[0, :, a - j0 * f: b - j0 * f, : self.W]
 
 
 def _sample_bilinear(low: torch.Tensor, f: int, ys: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
@@ -278,7 +289,7 @@ def _subsample(idx: torch.Tensor, n: int, seed: int = 0) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------ key colour
 def find_key_color(small: torch.Tensor, bg_hint: torch.Tensor | None = None, clusters: int = 5,
-                   samples: int = 2000, seed: int = 0) -> tuple[torch.Tensor, dict]:
+                   samples: int = 1000, seed: int = 0) -> tuple[torch.Tensor, dict]:
     """Backdrop colour of a low-res planar image ``[1,3,h,w]`` by K-Means (scikit-learn, fixed seed,
     on at most ``samples`` pixels).
 
@@ -301,8 +312,8 @@ def find_key_color(small: torch.Tensor, bg_hint: torch.Tensor | None = None, clu
     idx = _subsample(cand, samples, seed)
     pts = flat[idx].double().cpu().numpy()
     onb = border.reshape(-1)[idx].cpu().numpy()
-    k = clusters if float(pts.std(0).max()) > 1e-3 else 1
-    km = KMeans(n_clusters=min(k, len(pts)), n_init=1, random_state=seed, max_iter=50).fit(pts)
+    k = min(clusters if float(pts.std(0).max()) > 1e-3 else 1, len(pts))
+    km = KMeans(n_clusters=k, n_init=1, random_state=seed, max_iter=50).fit(pts)
     centres, labels = km.cluster_centers_, km.labels_
     ratio = pts / np.maximum(pts.sum(1, keepdims=True), 1e-2)
     best, best_score, stats = 0, -1.0, []
@@ -327,8 +338,10 @@ def _ratio_p(x: torch.Tensor) -> torch.Tensor:
     return x / x.sum(1, keepdim=True).clamp_min(1e-2)
 
 
+@functools.lru_cache(maxsize=8)
 def _poly_design(h: int, w: int, device) -> torch.Tensor:
-    """Quadratic surface basis ``[6, h*w]`` (1, x, y, x^2, xy, y^2) over coordinates in -1..1."""
+    """Quadratic surface basis ``[6, h*w]`` (1, x, y, x^2, xy, y^2) over coordinates in -1..1 (cached:
+    at most ``plate_size^2`` x 6 floats each)."""
     yy, xx = torch.meshgrid(torch.linspace(-1, 1, h, device=device), torch.linspace(-1, 1, w, device=device),
                             indexing="ij")
     x, y = xx.reshape(-1), yy.reshape(-1)
@@ -340,10 +353,13 @@ def estimate_plate(small: torch.Tensor, key: torch.Tensor, bg_hint: torch.Tensor
     """Clean plate of a low-res planar image ``[1,3,h,w]``: returns ``(plate [1,3,h,w], confident
     background weight [h,w], chromaticity tolerance)`` (a wide tolerance means a non-uniform backdrop).
 
-    1. Chroma gate on the denoised chromaticity ``r = X / sum(X)``: the screen's chromaticity is the
-       median of the selected pixels (twice), then a quadratic surface fitted to them (twice); each round
-       keeps ``|r - ref| < clamp(3 median|r - ref|, 0.012, 0.08)``. A large transparent region (glass)
-       cannot bend a global quadratic surface, unlike a local average.
+    1. Chroma gate on the denoised (3x3 mean) chromaticity ``r = X / sum(X)``. Mode seeking: starting
+       at the key with radius 0.1, the reference becomes the median ``r`` within the radius and the
+       radius ``clamp(3 median|r - ref|, 0.008, 0.08)`` (shrinking by at most 0.6x a step) until it stops
+       shrinking: the K-Means centre, pulled by mixed edge pixels, walks to the bare screen, and the final
+       radius (the tolerance) follows the noise. Then a quadratic surface ``r(x, y)`` is fitted to the
+       selection (twice) and pixels within the tolerance of it are kept: a screen whose hue drifts is
+       followed, while a large transparent region (glass) cannot bend a global quadratic surface.
     2. Brightness gate: drop pixels darker than ``(1 - gain_tol)`` x the smooth (sigma = size/16)
        brightness of the selected pixels around them (dark semi-transparent strands keep the chromaticity).
     3. Plate = normalised convolution (binomial, sigma = 1 px) of the selection eroded by 1 px,
@@ -395,7 +411,7 @@ def estimate_plate(small: torch.Tensor, key: torch.Tensor, bg_hint: torch.Tensor
     c = max(1, max(h, w) // 32)  # smooth brightness of the selection at ~1/16 of the size
     lref, den = _norm_blur(F.avg_pool2d(lum * cand, c, ceil_mode=True), F.avg_pool2d(cand, c, ceil_mode=True))
     lref = push_pull(lref, (den > 0.02).float())
-    lref = F.interpolate(lref, size=(h, w), mode="bilinear", align_corners=False)
+    lref = _up(lref, (h, w))
     keep = cand * (lum > (1.0 - gain_tol) * lref).float()
     if float(keep.sum()) > 16:
         cand = keep
@@ -414,14 +430,9 @@ def _sqdist(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------ alpha / F_l
-def _dot2(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Row-wise ``x . y`` over the last axis."""
-    return torch.einsum("...c,...c->...", x, y)
-
-
 def local_foreground(small: torch.Tensor, plate: torch.Tensor, k: torch.Tensor, n: torch.Tensor,
                      noise: float, fg_conf: float = 0.05, partial: float = 0.1) -> torch.Tensor:
-    """Local foreground colour ``F_l`` ``[1,3,h,w]`` at low resolution.
+    """Local foreground colour ``F_l`` ``[1,3,h,w]`` at low resolution, and the largest ``a0``.
 
     From the colour-difference alpha ``a0 = 1 - s(I)/s(B)``: confident foreground
     (``a0 > 1 - max(fg_conf, 3 sigma)``) keeps its colour with weight 1, partial pixels (``a0 > partial``)
@@ -431,10 +442,10 @@ def local_foreground(small: torch.Tensor, plate: torch.Tensor, k: torch.Tensor, 
     a = (1.0 - _key_signal_p(small, k, n) / _key_signal_p(plate, k, n).clamp_min(1e-3)).clamp(0, 1)[:, None]
     conf = (a > 1.0 - max(fg_conf, 3.0 * noise)).float()
     if float(conf.sum()) < 1:
-        return torch.full_like(small, 0.5)
+        return torch.full_like(small, 0.5), float(a.max())
     unmixed = torch.where(conf > 0, small, (plate + (small - plate) / a.clamp_min(0.05)).clamp(0, 1))
     wgt = torch.where(a > partial, a * a, torch.zeros_like(a)).maximum(conf)
-    return push_pull(unmixed, wgt)
+    return push_pull(unmixed, wgt), float(a.max())
 
 
 def _noise_level(img, plate_at, bg_small, f, k, n, samples: int = 4096) -> float:
@@ -451,6 +462,9 @@ def _noise_level(img, plate_at, bg_small, f, k, n, samples: int = 4096) -> float
     if ys.numel() < 32:
         return 0.01
     a = 1.0 - key_signal(img[ys, xs], k, n) / key_signal(plate_at(ys, xs), k, n).clamp_min(1e-3)
+    a = a[a.abs() < 0.25]  # backdrop-like samples only (all samples are candidates with a user plate)
+    if a.numel() < 32:
+        return 0.01
     return float(1.4826 * (a - a.median()).abs().median())
 
 
@@ -458,37 +472,69 @@ def _noise_level(img, plate_at, bg_small, f, k, n, samples: int = 4096) -> float
 @torch.no_grad()
 def greenpost(image: torch.Tensor, mask: torch.Tensor | None = None, plate: torch.Tensor | None = None,
               key_color: Sequence[float] | torch.Tensor | None = None, *,
-              key_weight: float = 4.0, grey_weight: float = 0.3, despill: float = 1.0, decontaminate: float = 1.0,
-              noise_clip: float = 2.0, mask_margin: float = 0.02, work_size: int = 320, plate_size: int = 160,
-              refine_radius: int = 2, refine_eps: float = 1e-4,
-              strict: bool = False, chunk_pixels: int = 1 << 19) -> GreenPostResult:
+              key_weight: float = 4.0, grey_weight: float = 0.3, despill: float = 1.0,
+              decontaminate: float = 1.0, noise_clip: float = 1.0, refine_radius: int = 2,
+              refine_eps: float = 1e-4, mask_margin: float = 0.02, mask_holdout: bool = False, work_size: int = 160,
+              min_foreground: float = 0.25,
+              plate_size: int = 160, strict: bool = False, min_saturation: float = 0.25,
+              max_spread: float = 0.06, min_key_signal: float = 0.05,
+              chunk_pixels: int = 1 << 19, cpu_threads: int | None = 1) -> GreenPostResult:
     """Key a batch of green / blue / any-colour screen images (see the module doc for the maths).
 
     Parameters
     ----------
     image : ``[B,H,W,C]`` (or ``[H,W,C]``) float 0..1; ``C`` = 3, 4 (alpha channel ignored) or 1 (grey).
+        NaN is a :class:`UserError`; values outside 0..1 are clamped.
     mask : optional coarse **alpha** ``[B,H,W]`` (1 = foreground, 0 = background; *not* ComfyUI's
-        LoadImage mask, which is ``1 - alpha``). Outside it (dilated by ``mask_margin`` of the diagonal)
-        pixels pick the key colour and the plate and alpha is 0; inside it (eroded likewise) alpha is 1.
+        LoadImage mask, which is ``1 - alpha``), used as a *garbage matte*: pixels outside it (dilated by
+        ``mask_margin`` x the image diagonal) pick the key colour and the plate and get alpha 0, so draw it
+        generously around hair. With ``mask_holdout`` it is also a *holdout matte*: inside it (eroded
+        likewise) alpha is 1 (for subjects that contain the key colour, e.g. plants on green).
     plate : optional clean backdrop ``[B,H,W,3]`` (a shot of the empty screen), used as ``B`` directly.
     key_color : optional ``(r, g, b)`` in 0..1 overriding the K-Means backdrop colour.
-    key_weight, grey_weight : ``w_k``, ``w_g`` in (1): both 1 = projection onto ``B -> F_l``; a large
-        ``w_k`` tends to the colour difference w.r.t. ``F_l``; a small ``w_g`` ignores brightness texture
-        that the low-res ``F_l`` cannot follow.
+    key_weight, grey_weight : ``w_k``, ``w_g`` in (1); both 1 = plain projection onto ``B -> F_l``.
     despill : 0..1, share of a positive key signal ``s(F)`` removed from the foreground.
-    decontaminate : ``a_d`` in ``F = F_l + r / max(a, a_d)`` (0 = plain unmixing).
+    decontaminate : ``a_d`` in ``F = F_l + r / max(a, a_d)``, 0..1 (0 = plain unmixing, 1 = blend
+        ``a F + (1 - a) F_l``).
     noise_clip : width of the soft thresholds near 0 and 1, in noise standard deviations.
-    work_size : long side (px) of the low-res working copy (key colour, plate, ``F_l``).
+    refine_radius, refine_eps : guided-filter window radius (px, 0 = off) and regulariser (alpha^2 units).
+    min_foreground : if no pixel of the working copy reaches this colour-difference alpha, the image is an
+        empty screen and its alpha is exactly 0.
+    work_size, plate_size : long side (px) of the working copies for ``F_l`` (at most 8x smaller than the
+        image) and for key colour + plate.
     strict : raise :class:`UserError` when an image shows no backdrop colour, instead of returning it as
-        all foreground with a warning.
+        all foreground with a warning. ``min_saturation``, ``max_spread`` (chromaticity tolerance) and
+        ``min_key_signal`` set what counts as a screen (only without mask, plate and key override).
     chunk_pixels : full-resolution pixels processed at once (memory vs. overhead).
+    cpu_threads : torch intra-op threads while keying on a CPU (restored afterwards; ``None`` = leave
+        torch's setting). The work is a long chain of small, memory-bound ops, where extra threads mostly
+        wait on each other: on a loaded 2-core machine 2 threads made a 4K frame 4x *slower* than 1.
 
     Returns a :class:`GreenPostResult`; a batch is processed one image at a time (mixed content is fine).
     """
+    threads = torch.get_num_threads()
+    on_cpu = not isinstance(image, torch.Tensor) or image.device.type == "cpu"
+    if cpu_threads and on_cpu:
+        torch.set_num_threads(max(1, int(cpu_threads)))
+    try:
+        return _greenpost(image, mask, plate, key_color, key_weight=key_weight, grey_weight=grey_weight,
+                          despill=despill, decontaminate=decontaminate, noise_clip=noise_clip,
+                          refine_radius=refine_radius, refine_eps=refine_eps, mask_margin=mask_margin,
+                          mask_holdout=mask_holdout, min_foreground=min_foreground,
+                          work_size=work_size, plate_size=plate_size, strict=strict,
+                          min_saturation=min_saturation, max_spread=max_spread,
+                          min_key_signal=min_key_signal, chunk_pixels=chunk_pixels)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _greenpost(image, mask, plate, key_color, *, key_weight, grey_weight, despill, decontaminate, noise_clip,
+               refine_radius, refine_eps, mask_margin, mask_holdout, min_foreground, work_size, plate_size, strict, min_saturation,
+               max_spread, min_key_signal, chunk_pixels) -> GreenPostResult:
     image = _as_rgb(image, "image")
     dev = image.device
     if mask is not None:
-        mask = as_mask(mask, "mask").to(dev)
+        mask = as_mask(mask, "mask").to(dev).clamp(0, 1)
         image, mask = broadcast_batch(image, mask, names=["image", "mask"])
     if plate is not None:
         plate = _as_rgb(plate, "plate").to(dev)
@@ -502,13 +548,18 @@ def greenpost(image: torch.Tensor, mask: torch.Tensor | None = None, plate: torc
             raise UserError(f"key_color: expected 3 finite components, got {key_color!r}")
         if (override < 0).any() or (override > 1).any():
             raise UserError("key_color: components must lie in 0..1")
-    if work_size < 16:
-        raise UserError(f"work_size must be >= 16 px, got {work_size}")
+    if work_size < 16 or plate_size < 16:
+        raise UserError(f"work_size and plate_size must be >= 16 px, got {work_size} and {plate_size}")
+    if refine_radius < 0 or refine_eps <= 0 or not 0 <= decontaminate <= 1 or not 0 <= despill <= 1:
+        raise UserError("refine_radius must be >= 0, refine_eps > 0, decontaminate and despill in 0..1")
     bsz, H, W, _ = image.shape
-    opt = dict(key_weight=float(key_weight), grey_weight=float(grey_weight), despill=float(despill), decontaminate=float(decontaminate),
-               noise_clip=float(noise_clip), mask_margin=float(mask_margin), work_size=int(work_size), plate_size=int(plate_size),
-               refine_radius=int(refine_radius), refine_eps=float(refine_eps),
-               strict=bool(strict), chunk_pixels=int(chunk_pixels))
+    opt = dict(key_weight=float(key_weight), grey_weight=float(grey_weight), despill=float(despill),
+               decontaminate=float(decontaminate), noise_clip=float(noise_clip),
+               refine_radius=int(refine_radius), refine_eps=float(refine_eps), mask_margin=float(mask_margin),
+               mask_holdout=bool(mask_holdout), min_foreground=float(min_foreground),
+               work_size=int(work_size), plate_size=int(plate_size), strict=bool(strict),
+               min_saturation=float(min_saturation), max_spread=float(max_spread),
+               min_key_signal=float(min_key_signal), chunk_pixels=max(1, int(chunk_pixels)))
     alpha = torch.empty(bsz, H, W, device=dev)
     rgba = torch.empty(bsz, H, W, 4, device=dev)
     plate_out = torch.empty(bsz, H, W, 3, device=dev)
@@ -522,19 +573,30 @@ def greenpost(image: torch.Tensor, mask: torch.Tensor | None = None, plate: torc
 
 
 def _as_rgb(x: torch.Tensor, name: str) -> torch.Tensor:
-    """IMAGE -> float ``[B,H,W,3]`` in 0..1: grey is repeated, an alpha channel dropped, NaN refused,
-    out-of-range values (HDR, +-inf) clamped."""
-    if isinstance(x, torch.Tensor) and x.ndim in (3, 4) and x.shape[-1] == 1:
-        x = x.expand(*x.shape[:-1], 3)
-    x = as_image(x, name, channels=(3, 4))[..., :3]
-    lo, hi = torch.aminmax(x)
-    return x.clamp(0, 1) if (float(lo) < 0 or float(hi) > 1) else x
+    """IMAGE -> float ``[B,H,W,3]`` in 0..1: ``[H,W,C]`` gets a batch axis, grey (C=1) is repeated, an alpha
+    channel dropped; NaN is a :class:`UserError`; out-of-range values (HDR, +-inf) are clamped. One
+    min/max pass replaces a separate NaN scan (NaN propagates through it)."""
+    if not isinstance(x, torch.Tensor):
+        raise UserError(f"{name}: expected a tensor, got {type(x).__name__}")
+    if x.ndim == 3:
+        x = x.unsqueeze(0)
+    if x.ndim != 4 or x.shape[-1] not in (1, 3, 4):
+        raise UserError(f"{name}: expected [B,H,W,C] with C = 1, 3 or 4, got shape {tuple(x.shape)}")
+    if min(x.shape[:3]) < 1:
+        raise UserError(f"{name}: empty image of shape {tuple(x.shape)}")
+    x = x[..., :3].float() if x.shape[-1] != 1 else x.float().expand(*x.shape[:3], 3)
+    lo, hi = (float(v) for v in torch.aminmax(x))
+    if math.isnan(lo) or math.isnan(hi):
+        raise UserError(f"{name}: contains NaN values")
+    return x.clamp(0, 1) if (lo < 0 or hi > 1) else x
 
 
 def _key_one(img, mask, user_plate, override, alpha_out, rgba_out, plate_out, index, warnings, opt):
     """Key one image ``[H,W,3]`` into preallocated outputs; returns its key colour ``[3]``."""
     H, W, _ = img.shape
-    f = max(1, math.ceil(max(H, W) / opt["work_size"]))
+    # working factor: the working copy has a long side of about work_size px, but never less than 1/8 of
+    # the image (large frames can afford detail: their cost is dominated by the full-resolution passes)
+    f = max(1, min(math.ceil(max(H, W) / opt["work_size"]), 8))
     small = _downsample(img, f)  # [1,3,h,w]
     _, _, h, w = small.shape
 
@@ -545,7 +607,7 @@ def _key_one(img, mask, user_plate, override, alpha_out, rgba_out, plate_out, in
         margin = max(1, round(opt["mask_margin"] * math.hypot(h, w)))
         binary = (cover > 0.5).float()
         allowed = _dilate(binary, margin)           # alpha <= allowed
-        forced = _erode(binary, margin)             # alpha >= forced
+        forced = _erode(binary, margin) if opt["mask_holdout"] else torch.zeros_like(binary)  # alpha >= forced
         hint_bg = allowed[0, 0] < 0.5
         bounds = (forced, allowed)
         if not bool(hint_bg.any()):
@@ -559,43 +621,59 @@ def _key_one(img, mask, user_plate, override, alpha_out, rgba_out, plate_out, in
         coarse, levels = _half(coarse), levels + 1
         hint_c = None if hint_c is None else _half(hint_c.float()[None, None])[0, 0] > 0.99
     fp = f * 2 ** levels
-    # ---- key colour (and: is there a screen at all?)
+    # ---- key colour
+    auto = override is None and user_plate is None and hint_bg is None  # nothing says where the screen is
     if override is not None:
         key = override
     elif user_plate is not None:
         key = _downsample(user_plate, f).mean(dim=(0, 2, 3))
     else:
         key, info = find_key_color(coarse, hint_c)
-        reason = None
-        if hint_bg is None:
-            if info["saturation"] < 0.25:
-                reason = f"the most screen-like colour {color_hex(key.tolist())} is unsaturated"
-            elif info["spread"] > 10.06:
-                reason = f"the most screen-like colour {color_hex(key.tolist())} is not uniform"
-        if reason is not None:
+        if auto and info["saturation"] < opt["min_saturation"]:
+            reason = f"the most screen-like colour {color_hex(key.tolist())} is unsaturated"
             return _no_screen(img, key, index, reason, alpha_out, rgba_out, plate_out, warnings, opt)
-    k, n, _ = key_basis(key)
 
-    # ---- plate (low res), confident background, noise
+    # ---- plate (coarse level, upsampled to the working level), confident background, noise
     if user_plate is not None:
-        plate_small, bg_small = _downsample(user_plate, f), None
+        plate_small, bg_c = _downsample(user_plate, f), None
         plate_at = lambda ys, xs: user_plate[ys, xs]  # noqa: E731
     else:
-        plate_c, bg_small, spread = estimate_plate(coarse, key, hint_c)
-        if override is None and hint_bg is None and float(bg_small.mean()) < 0.001:
-            reason = f"only {float(bg_small.mean()):.1%} of the image matches {color_hex(key.tolist())}"
-            return _no_screen(img, key, index, reason, alpha_out, rgba_out, plate_out, warnings, opt)
+        plate_c, bg_c, tol = estimate_plate(coarse, key, hint_c)
+        if override is None and float(bg_c.sum()) >= 16:  # the bare screen's colour, free of mixed pixels
+            key = (coarse * bg_c).sum(dim=(0, 2, 3)) / bg_c.sum()
+        if auto:  # is it a screen at all?
+            reason = None
+            if tol > opt["max_spread"]:
+                reason = f"the backdrop candidates around {color_hex(key.tolist())} vary too much in colour"
+            elif float(bg_c.mean()) < 0.001:
+                reason = f"only {float(bg_c.mean()):.2%} of the image matches {color_hex(key.tolist())}"
+            if reason is not None:
+                return _no_screen(img, key, index, reason, alpha_out, rgba_out, plate_out, warnings, opt)
         plate_at = lambda ys, xs: _sample_bilinear(plate_c, fp, ys, xs)  # noqa: E731
         plate_small = plate_c
-        for lv in range(levels - 1, -1, -1):
-            plate_small = _double(plate_small, tuple(math.ceil(v / 2 ** lv) for v in small.shape[-2:]))
-    if float(key_signal(plate_small.mean(dim=(0, 2, 3)), k, n)) < 0.02:
-        warnings.append(f"image {index}: the backdrop {color_hex(key.tolist())} is nearly grey; colour keying "
-                        f"is unreliable (give a coarse mask or a plate)")
-    noise = _noise_level(img, plate_at, bg_small, fp, k, n)
+        if levels:
+            plate_small = _up(plate_c, small.shape[-2:])
+    k, n, _ = key_basis(key)
+    strength = float(key_signal(plate_small.mean(dim=(0, 2, 3)), k, n))
+    if strength < opt["min_key_signal"]:
+        reason = f"the backdrop {color_hex(key.tolist())} is nearly grey (key signal {strength:.3f})"
+        if auto:
+            return _no_screen(img, key, index, reason, alpha_out, rgba_out, plate_out, warnings, opt)
+        warnings.append(f"image {index}: {reason}; colour keying is unreliable there")
+    noise = _noise_level(img, plate_at, bg_c, fp, k, n)
 
     # ---- local foreground colour (low res)
-    fl_small = local_foreground(small, plate_small, k, n, noise)
+    fl_small, a0_max = local_foreground(small, plate_small, k, n, noise)
+    if a0_max < opt["min_foreground"] and (bounds is None or float(bounds[0].max()) == 0):
+        # not one working-res pixel is even partly foreground: an empty screen, exactly transparent
+        alpha_out.zero_()
+        rgba_out[..., :3] = img
+        rgba_out[..., 3] = 0.0
+        if user_plate is None:
+            plate_out.copy_(_Upsampler(plate_small, f, H, W).rows(0, H).permute(1, 2, 0))
+        else:
+            plate_out.copy_(user_plate)
+        return key
 
     # ---- alpha terms at low res: a = <d, e>_M / <e, e>_M = d . u with u = M e / <e, e>_M  (eq. 1)
     e_small = fl_small - plate_small
@@ -616,12 +694,14 @@ def _key_one(img, mask, user_plate, override, alpha_out, rgba_out, plate_out, in
 def _box5(x: torch.Tensor, r: int) -> torch.Tensor:
     """``(2r+1)^2`` box mean of ``[C,n,W]`` with replicate borders (shifted adds)."""
     p = F.pad(x.unsqueeze(0), (r, r, r, r), mode="replicate")[0]
-    acc = p[..., 0: p.shape[-1] - 2 * r].clone()
-    for i in range(1, 2 * r + 1):
-        acc += p[..., i: p.shape[-1] - 2 * r + i]
-    out = acc[:, 0: acc.shape[1] - 2 * r].clone()
-    for i in range(1, 2 * r + 1):
-        out += acc[:, i: acc.shape[1] - 2 * r + i]
+    n = p.shape[-1] - 2 * r
+    acc = p[..., 0:n] + p[..., 1:n + 1]
+    for i in range(2, 2 * r + 1):
+        acc += p[..., i:n + i]
+    n = acc.shape[1] - 2 * r
+    out = acc[:, 0:n] + acc[:, 1:n + 1]
+    for i in range(2, 2 * r + 1):
+        out += acc[:, i:n + i]
     return out.mul_(1.0 / (2 * r + 1) ** 2)
 
 
@@ -679,20 +759,25 @@ def _full_res(img, user_plate, up1, up2, k, n, noise, opt, alpha_out, rgba_out, 
             A = (mean[2] - mg * mp).div_(mean[3].sub_(mg * mg).add_(eps))
             mean = _box5(torch.stack([A, mp.sub_(A * mg)]), r)
             a = mean[0].mul_(g).add_(mean[1])[y0 - ya: y0 - ya + (y1 - y0)]
-            a = soft_clip(a, 0.5 * t)
+            a = soft_clip(a, t)
         else:
             a = a_buf[y0:y1]
         if has_bounds:
             a = torch.minimum(torch.maximum(a, bnd_buf[0, y0:y1]), bnd_buf[1, y0:y1])
         alpha_out[y0:y1] = a
-        # F = F_l + (d - a e) / max(a, a_d) = B + p d + q e,  p = 1 / max(a, a_d),  q = 1 - a p
+        # F = F_l + (d - a e) / max(a, a_d) = B + p d + q e,  p = 1 / max(a, a_d),  q = 1 - a p;
+        # the default a_d = 1 gives F = I + (1 - a) e
         I = img[y0:y1]
-        Bi = plate_out[y0:y1]
         e = up2.rows(y0, y1)
-        pinv = a.clamp_min(a_d).reciprocal_()
-        q = torch.addcmul(torch.ones_like(a), a, pinv, value=-1.0)
-        fg = [torch.addcmul(Bi[..., c], pinv, I[..., c] - Bi[..., c]).addcmul_(q, e[c]) for c in range(3)]
-        if spill > 0:
+        if a_d >= 1.0:
+            q = torch.ones_like(a).sub_(a)
+            fg = [torch.addcmul(I[..., c], q, e[c]) for c in range(3)]
+        else:
+            Bi = plate_out[y0:y1]
+            pinv = a.clamp_min(a_d).reciprocal_()
+            q = torch.addcmul(torch.ones_like(a), a, pinv, value=-1.0)
+            fg = [torch.addcmul(Bi[..., c], pinv, I[..., c] - Bi[..., c]).addcmul_(q, e[c]) for c in range(3)]
+        if spill > 0:  # F -= spill * max(s(F), 0) * 2/sqrt(6) * k
             fk = fg[0] * kc[0]
             fk.add_(fg[1], alpha=kc[1]).add_(fg[2], alpha=kc[2])
             fn = fg[0] * nc[0]

@@ -18,7 +18,10 @@ def register(sub) -> None:
                                    "same size as each input. Nothing is overwritten unless --overwrite.")
     p.add_argument("inputs", nargs="+", help="image files or folders")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--mask", help="coarse alpha mask (white = foreground): a file, or a folder matched by stem")
+    p.add_argument("--mask", help="coarse alpha mask (white = foreground; a garbage matte: alpha is 0 outside "
+                                  "it, so draw it generously): a file, or a folder matched by stem")
+    p.add_argument("--holdout", action="store_true",
+                   help="also force alpha 1 inside the (eroded) mask: subjects containing the key colour")
     p.add_argument("--plate", help="clean backdrop shot: a file, or a folder matched by stem")
     p.add_argument("--key-color", help="backdrop colour '#rrggbb' or 'R,G,B' (default: found by K-Means)")
     p.add_argument("--strict", action="store_true", help="fail on an image that shows no backdrop colour")
@@ -57,7 +60,8 @@ def run(args) -> int:
             if t is not None and tuple(t.shape[1:3]) != tuple(image.shape[1:3]):
                 raise UserError(f"{name} {t.shape[2]}x{t.shape[1]} does not match {path.name} "
                                 f"{image.shape[2]}x{image.shape[1]} (WxH)")
-        res = greenpost(image, mask=mask, plate=plate, key_color=key, strict=args.strict)
+        res = greenpost(image, mask=mask, plate=plate, key_color=key, strict=args.strict,
+                        mask_holdout=args.holdout)
         for w in res.warnings:
             tqdm.write(f"{path.name}: warning: {w}")
         save_rgba(target, res.foreground[0].cpu(), res.alpha[0].cpu())

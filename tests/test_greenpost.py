@@ -1,0 +1,267 @@
+"""GreenPost keyer: procedural green/blue-screen composites with exact ground truth (no /work/shared).
+
+The fixtures come from ``diffusion_matting.py.samples``: a soft-edged body, a semi-transparent veil and
+many 1-2 px strands (4x supersampled coverage), over pure / studio (gradient + vignette) / uneven
+(wrinkles, JPEG) plates with sensor noise and edge spill. Thresholds are honest margins over what the
+keyer reaches, and each quality test also beats a naive colour-difference keyer by a wide factor.
+"""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from diffusion_matting.py import metrics
+from diffusion_matting.py.cli import main
+from diffusion_matting.py.errors import UserError
+from diffusion_matting.py.greenpost import (_downsample, _Upsampler, color_hex, greenpost, key_basis, key_signal,
+                                            soft_clip)
+from diffusion_matting.py.samples import STUDIO_GREEN, make_sample
+
+BLUE = (0.1, 0.25, 0.85)
+
+
+def sample(style="studio", color=STUDIO_GREEN, size=160, seed=3, **kw):
+    return make_sample(height=size, width=size, seed=seed, style=style, color=color, **kw)
+
+
+def t(x):
+    return torch.from_numpy(np.ascontiguousarray(x))[None]
+
+
+def naive_alpha(image, key):
+    """Classic colour-difference key with the *true* key colour and no plate: 1 - s(I) / s(K)."""
+    k, n, _ = key_basis(torch.tensor(key, dtype=torch.float32))
+    s = key_signal(torch.from_numpy(image), k, n)
+    sk = key_signal(torch.tensor(key, dtype=torch.float32), k, n)
+    return (1 - s / sk).clamp(0, 1).numpy()
+
+
+def chromaticity(rgb):
+    rgb = np.asarray(rgb, dtype=np.float64)
+    return rgb / rgb.sum()
+
+
+# ------------------------------------------------------------------------------------------ maths
+def test_key_signal_is_colour_difference_for_green_and_rotates_with_hue():
+    x = torch.rand(500, 3, generator=torch.Generator().manual_seed(0))
+    k, n, _ = key_basis(torch.tensor([0.0, 1.0, 0.0]))
+    np.testing.assert_allclose(key_signal(x, k, n), x[:, 1] - torch.maximum(x[:, 0], x[:, 2]), atol=1e-6)
+    # for a pure blue key it is B - max(R, G): the same formula rotated to another hue
+    k, n, _ = key_basis(torch.tensor([0.0, 0.0, 1.0]))
+    np.testing.assert_allclose(key_signal(x, k, n), x[:, 2] - torch.maximum(x[:, 0], x[:, 1]), atol=1e-6)
+    # grey has no key signal whatever the key
+    k, n, _ = key_basis(torch.tensor(STUDIO_GREEN))
+    assert torch.allclose(key_signal(torch.full((4, 3), 0.37), k, n), torch.zeros(4), atol=1e-6)
+
+
+def test_soft_clip_snaps_noise_keeps_the_middle():
+    a = torch.linspace(-0.5, 1.5, 2001)
+    out = soft_clip(a, 0.05)
+    ref = torch.where(a < 0.1, 2 * (a - 0.05), a)
+    ref = torch.where(ref > 0.9, 2 * (ref + 0.05) - 1, ref).clamp(0, 1)
+    assert torch.allclose(out, ref, atol=1e-6)
+    assert out[(a > 0.1) & (a < 0.9)].equal(a[(a > 0.1) & (a < 0.9)])
+    assert (out[a < 0.05] == 0).all() and (out[a > 0.95] == 1).all()
+
+
+def test_downsample_and_upsampler_match_torch_references():
+    g = torch.Generator().manual_seed(1)
+    for h, w, f in [(37, 53, 4), (40, 48, 4), (5, 7, 3), (30, 31, 1)]:
+        x = torch.rand(h, w, 3, generator=g)
+        ref = F.avg_pool2d(x.permute(2, 0, 1)[None], f, ceil_mode=True)  # ragged cells average what exists
+        assert torch.allclose(_downsample(x, f), ref, atol=1e-6)
+        low = torch.rand(1, 2, -(-h // f), -(-w // f), generator=g)
+        full = F.interpolate(low, scale_factor=f, mode="bilinear", align_corners=False,
+                             recompute_scale_factor=False)[0, :, :h, :w]
+        up = _Upsampler(low, f, h, w)
+        bands = torch.cat([up.rows(a, min(h, a + 6)) for a in range(0, h, 6)], 1)  # row bands == one pass
+        assert torch.allclose(bands, full, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------ quality
+@pytest.mark.parametrize("style,kw,max_sad,max_mse,max_fg", [
+    ("studio", {}, 1.1, 12.0, 9.0),
+    ("uneven", dict(noise=0.015, jpeg=90), 1.5, 16.0, 12.0),
+])
+def test_green_screen_matte_and_foreground_quality(style, kw, max_sad, max_mse, max_fg):
+    s = sample(style, **kw)
+    res = greenpost(t(s.image))
+    assert res.warnings == []
+    m = metrics.evaluate(res.alpha[0], s.alpha, pred_fg=res.foreground[0], gt_fg=s.fg)
+    naive = metrics.evaluate(naive_alpha(s.image, STUDIO_GREEN), s.alpha, pred_fg=s.image, gt_fg=s.fg)
+    trivial = min(metrics.sad(np.zeros_like(s.alpha), s.alpha), metrics.sad(np.ones_like(s.alpha), s.alpha))
+    assert m["sad"] < max_sad and m["mse_x1e3"] < max_mse, m
+    assert m["sad"] < 0.4 * naive["sad"] and m["mse_x1e3"] < 0.4 * naive["mse_x1e3"], (m, naive)
+    assert m["sad"] < 0.25 * trivial
+    # straight, spill-free colour: far closer to the truth than the observed (spilled, mixed) pixels
+    assert m["fg_mse_x1e3"] < max_fg and m["fg_mse_x1e3"] < 0.7 * naive["fg_mse_x1e3"], (m, naive)
+    # opaque pixels keep their observed colour; the rgba output carries the same data
+    opaque = s.alpha > 0.999
+    assert np.abs(res.foreground[0].numpy()[opaque] - s.image[opaque]).mean() < 0.01
+    assert torch.equal(res.rgba[..., :3], res.foreground) and torch.equal(res.rgba[..., 3], res.alpha)
+    # matte and colours are in range and the plate is the backdrop where it is visible
+    assert res.alpha.min() >= 0 and res.alpha.max() <= 1 and res.foreground.min() >= 0 and res.foreground.max() <= 1
+    bg = s.alpha < 1e-3
+    assert np.abs(res.plate[0].numpy()[bg] - s.plate[bg]).mean() < 0.02
+
+
+@pytest.mark.parametrize("color", [STUDIO_GREEN, BLUE, (0.0, 1.0, 0.0)])
+def test_key_colour_recovered_for_green_and_blue_screens(color):
+    s = sample("studio" if color != (0.0, 1.0, 0.0) else "pure", color=color)
+    res = greenpost(t(s.image))
+    key = res.key_color[0].numpy()
+    # studio plates are darkened by vignetting: the key's chromaticity is what identifies the screen
+    assert np.abs(chromaticity(key) - chromaticity(color)).max() < 0.02, (key, color)
+    assert color_hex(key).startswith("#") and len(color_hex(key)) == 7
+    m = metrics.evaluate(res.alpha[0], s.alpha)
+    assert m["sad"] < 0.3 * metrics.sad(naive_alpha(s.image, color), s.alpha) + 0.3
+
+
+def test_user_plate_and_key_override_paths():
+    s = sample("uneven", noise=0.01)
+    auto = greenpost(t(s.image))
+    with_plate = greenpost(t(s.image), plate=t(s.plate))
+    assert torch.equal(with_plate.plate[0], torch.from_numpy(s.plate))  # the user plate is used as given
+    sad_auto, sad_plate = metrics.sad(auto.alpha[0], s.alpha), metrics.sad(with_plate.alpha[0], s.alpha)
+    assert sad_plate < 1.2 and sad_plate < 1.25 * sad_auto, (sad_plate, sad_auto)
+    override = greenpost(t(s.image), key_color=STUDIO_GREEN)
+    assert np.allclose(override.key_color[0].numpy(), STUDIO_GREEN)
+    assert metrics.sad(override.alpha[0], s.alpha) < 1.25 * sad_auto + 0.1
+    with pytest.raises(UserError):
+        greenpost(t(s.image), key_color=(0.2, 1.5, 0.1))
+    with pytest.raises(UserError):
+        greenpost(t(s.image), plate=torch.rand(1, 20, 20, 3))  # size mismatch
+
+
+def test_coarse_mask_is_garbage_and_holdout_matte():
+    s = sample("studio")
+    support = torch.from_numpy(s.alpha > 0.02).float()[None, None]
+    generous = F.max_pool2d(support, 21, stride=1, padding=10)[0]  # covers every strand
+    # junk on the screen far from the subject: a grey blob the mask excludes
+    img = s.image.copy()
+    img[5:20, 5:20] = 0.5
+    generous[0, 0:30, 0:30] = 0
+    res = greenpost(t(img), mask=generous, mask_margin=0.02)  # a garbage matte
+    a = res.alpha[0]
+    r = round(0.02 * np.hypot(160, 160))  # the margin, in px (a 160 px image is worked at full size)
+    outside = F.max_pool2d(generous[None], 2 * r + 1, stride=1, padding=r)[0, 0] < 0.5
+    assert outside[5:20, 5:20].all() and (a[outside] == 0).all()  # nothing survives outside the mask + margin
+    free = greenpost(t(img))
+    assert free.alpha[0, 5:20, 5:20].mean() > 0.5  # without the mask the blob is (rightly) foreground
+    sad_free = metrics.sad(free.alpha[0, 30:, 30:], s.alpha[30:, 30:])
+    assert metrics.sad(a[30:, 30:], s.alpha[30:, 30:]) < 1.1 * sad_free + 0.05  # same matte elsewhere
+    # holdout: a conservative silhouette mask forces its eroded interior opaque, even over key-coloured
+    # paint on the subject that the keyer alone would make transparent
+    body = torch.from_numpy(s.alpha > 0.999).float()[None]
+    painted = s.image.copy()
+    hole = (slice(70, 80), slice(70, 80))
+    assert body[0][hole].all()
+    painted[hole] = s.plate[hole]
+    held = greenpost(t(painted), mask=body, mask_holdout=True).alpha[0]
+    interior = -F.max_pool2d(-body[None], 2 * r + 1, stride=1, padding=r)[0, 0] > 0.5
+    assert interior[hole].all() and (held[interior] == 1).all()
+    assert greenpost(t(painted), mask=body).alpha[0][hole].mean() < 0.2  # garbage-only leaves the hole
+    # a mask covering everything cannot tell the background: warned, still keyed from the image
+    full = greenpost(t(s.image), mask=torch.ones(1, 160, 160))
+    assert any("mask" in w for w in full.warnings)
+
+
+def test_fully_background_gives_zero_alpha():
+    for style, color in [("studio", STUDIO_GREEN), ("uneven", BLUE)]:
+        s = sample(style, color=color)
+        res = greenpost(t(s.plate + np.random.default_rng(0).normal(0, 0.01, s.plate.shape).astype(np.float32)))
+        assert res.warnings == []
+        assert float(res.alpha.max()) == 0.0
+
+
+def test_photo_without_a_screen_is_all_foreground_with_a_warning_or_an_error():
+    g = torch.Generator().manual_seed(0)
+    photo = F.interpolate(torch.rand(1, 3, 10, 10, generator=g), size=(128, 96), mode="bicubic",
+                          align_corners=False).clamp(0, 1).permute(0, 2, 3, 1).contiguous()
+    res = greenpost(photo)
+    assert len(res.warnings) == 1 and "no backdrop colour" in res.warnings[0]
+    assert torch.equal(res.alpha, torch.ones(1, 128, 96)) and torch.equal(res.foreground, photo)
+    with pytest.raises(UserError, match="no backdrop colour"):
+        greenpost(photo, strict=True)
+    grey = torch.full((1, 64, 64, 3), 0.5) + 0.02 * torch.rand(1, 64, 64, 3, generator=g)
+    assert "no backdrop colour" in greenpost(grey).warnings[0]
+
+
+def test_bad_and_unusual_inputs():
+    s = sample("studio", size=96)
+    x = t(s.image)
+    nan = x.clone()
+    nan[0, 3, 4, 1] = float("nan")
+    with pytest.raises(UserError, match="NaN"):
+        greenpost(nan)
+    with pytest.raises(UserError):
+        greenpost(torch.rand(1, 8, 8, 2))
+    ref = greenpost(x).alpha
+    # RGBA input: the alpha channel is ignored; [H,W,C] gets a batch axis; HDR values are clamped
+    assert torch.equal(greenpost(torch.cat([x, torch.zeros_like(x[..., :1])], -1)).alpha, ref)
+    assert torch.equal(greenpost(x[0]).alpha, ref)
+    assert torch.equal(greenpost(x * 1.0).alpha, ref)
+    hdr = greenpost(x * 3.0)
+    assert hdr.alpha.shape == ref.shape and torch.isfinite(hdr.rgba).all()
+    # grey input (1 channel): no screen colour in a grey image -> documented all-foreground result
+    grey = greenpost(x.mean(-1, keepdim=True))
+    assert grey.alpha.shape == (1, 96, 96) and grey.warnings
+    # odd sizes are keyed at their own size
+    odd = sample("studio", size=96)
+    res = greenpost(t(odd.image[:77, :93]))
+    assert res.alpha.shape == (1, 77, 93) and res.rgba.shape == (1, 77, 93, 4)
+    assert metrics.sad(res.alpha[0], odd.alpha[:77, :93]) < 0.6
+
+
+def test_band_processing_is_exact_and_batches_are_independent():
+    s = sample("studio", size=128)
+    x = t(s.image)
+    whole = greenpost(x)
+    banded = greenpost(x, chunk_pixels=128 * 7)  # 7-row bands: halos of the guided filter must be right
+    assert torch.allclose(whole.rgba, banded.rgba, atol=1e-5)
+    assert torch.allclose(whole.plate, banded.plate, atol=1e-6)
+    blue = sample("studio", color=BLUE, size=128, seed=5)
+    photo = F.interpolate(torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(2)), size=(128, 128),
+                          mode="bicubic", align_corners=False).clamp(0, 1).permute(0, 2, 3, 1)
+    batch = greenpost(torch.cat([x, t(blue.image), photo]))
+    assert torch.equal(batch.alpha[0], whole.alpha[0])
+    assert torch.allclose(batch.alpha[1], greenpost(t(blue.image)).alpha[0])
+    assert len(batch.warnings) == 1 and batch.warnings[0].startswith("image 2:")
+    assert (batch.alpha[2] == 1).all()
+    assert np.abs(chromaticity(batch.key_color[1].numpy()) - chromaticity(BLUE)).max() < 0.02
+
+
+def test_threads_setting_is_restored():
+    before = torch.get_num_threads()
+    greenpost(t(sample("studio", size=64).image), cpu_threads=1)
+    assert torch.get_num_threads() == before
+
+
+# ------------------------------------------------------------------------------------------ CLI
+def test_cli_key_writes_rgba_of_same_size_and_refuses_overwrite(tmp_path, capsys):
+    src = tmp_path / "in"
+    src.mkdir()
+    a, b = sample("studio", size=96), sample("studio", color=BLUE, size=96, seed=8)
+    Image.fromarray((a.image * 255 + 0.5).astype(np.uint8)).save(src / "one.png")
+    Image.fromarray((b.image[:80, :90] * 255 + 0.5).astype(np.uint8)).save(src / "two.jpg", quality=95)
+    out = tmp_path / "out"
+    assert main(["key", str(src), "--out", str(out)]) == 0
+    one = np.asarray(Image.open(out / "one.png"))
+    two = np.asarray(Image.open(out / "two.png"))
+    assert one.shape == (96, 96, 4) and two.shape == (80, 90, 4)
+    assert metrics.sad(one[..., 3] / 255.0, a.alpha) < 0.6
+    # the file is straight colour: opaque pixels keep the image colour
+    opaque = a.alpha > 0.999
+    assert np.abs(one[..., :3][opaque] / 255.0 - a.image[opaque]).mean() < 0.02
+    before = (out / "one.png").read_bytes()
+    assert main(["key", str(src / "one.png"), "--out", str(out)]) == 2
+    assert "exists" in capsys.readouterr().err
+    assert (out / "one.png").read_bytes() == before
+    assert main(["key", str(src / "one.png"), "--out", str(out), "--overwrite", "--key-color", "0.16,0.62,0.26"]) == 0
+    # bad input: one line, exit 2
+    assert main(["key", str(tmp_path / "missing.png"), "--out", str(out)]) == 2
+    assert main(["key", str(src / "one.png"), "--out", str(tmp_path / "o2"), "--key-color", "green"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(err) == 2 and all(line.startswith("diffusion-matting key: error:") for line in err)
