@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import comfy.model_management as mm
 import comfy.utils
+import folder_paths
 
 log = logging.getLogger("diffusion_matting")
 
@@ -28,3 +30,15 @@ def progress(total: int) -> comfy.utils.ProgressBar:
 
 def check_interrupt() -> None:
     mm.throw_exception_if_processing_interrupted()
+
+
+def register_model_folder(folder: str) -> str:
+    """Register ``models/<folder>`` (+ whatever extra_model_paths.yaml adds) for ``.safetensors`` only;
+    returns the default path. Files placed there by hand are listed like downloaded ones."""
+    path = os.path.join(folder_paths.models_dir, folder)
+    entry = folder_paths.folder_names_and_paths.get(folder)
+    paths = [path] if entry is None else list(entry[0])
+    if path not in paths:
+        paths.append(path)
+    folder_paths.folder_names_and_paths[folder] = (paths, {".safetensors"})
+    return path

@@ -27,28 +27,14 @@ from comfy_api.latest import io
 from ..py import alpha as A
 from ..py.errors import UserError
 from . import _drip_model as D
-from ._common import ALPHA_TIP, STRAIGHT_TIP, check_interrupt, log, out_device
+from ._common import ALPHA_TIP, STRAIGHT_TIP, check_interrupt, log, out_device, register_model_folder
 
 FOLDER = "drip"
 LATENT_MULTIPLE = 8
 DTYPES = {"default": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def register_model_folder() -> str:
-    """``models/drip`` (+ anything extra_model_paths.yaml adds), ``.safetensors`` only."""
-    path = os.path.join(folder_paths.models_dir, FOLDER)
-    entry = folder_paths.folder_names_and_paths.get(FOLDER)
-    if entry is None:
-        folder_paths.folder_names_and_paths[FOLDER] = ([path], {".safetensors"})
-    else:
-        paths, exts = entry
-        if path not in paths:
-            paths.append(path)
-        folder_paths.folder_names_and_paths[FOLDER] = (paths, {".safetensors"})
-    return path
-
-
-register_model_folder()
+register_model_folder(FOLDER)
 
 
 # ------------------------------------------------------------------------------------------- helpers

@@ -21,7 +21,7 @@ from comfy_api.latest import io
 
 from ..py.errors import UserError
 from ..py.matting_head import MattingHeadInfo, decode_with_matte, load_matting_head, tile_starts
-from ._common import ALPHA_TIP, check_interrupt, log, out_device, progress
+from ._common import ALPHA_TIP, check_interrupt, log, out_device, progress, register_model_folder
 from ._vae_features import comfy_decode_fn, comfy_feature_channels
 
 FOLDER = "matting_heads"
@@ -31,25 +31,7 @@ AUTO_TILE_PX = 512      # tile used when an untiled decode runs out of memory
 AUTO_OVERLAP_PX = 64
 
 
-def register_model_folder() -> str:
-    """``models/matting_heads`` (+ anything extra_model_paths.yaml adds), ``.safetensors`` only."""
-    path = os.path.join(folder_paths.models_dir, FOLDER)
-    entry = folder_paths.folder_names_and_paths.get(FOLDER)
-    if entry is None:
-        folder_paths.folder_names_and_paths[FOLDER] = ([path], {".safetensors"})
-    else:
-        paths, exts = entry
-        if path not in paths:
-            paths.append(path)
-        if isinstance(exts, set):
-            exts.clear()
-            exts.add(".safetensors")
-        else:
-            folder_paths.folder_names_and_paths[FOLDER] = (paths, {".safetensors"})
-    return path
-
-
-register_model_folder()
+register_model_folder(FOLDER)
 
 
 class MattingHeadModel:

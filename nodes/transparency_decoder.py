@@ -23,27 +23,13 @@ from comfy_api.latest import io
 from ..py import alpha as A
 from ..py import transparency_decoder as TD
 from ..py.errors import UserError
-from ._common import ALPHA_TIP, STRAIGHT_TIP, check_interrupt, log, out_device
+from ._common import ALPHA_TIP, STRAIGHT_TIP, check_interrupt, log, out_device, register_model_folder
 
 FOLDER = "transparency_decoders"
 TransparencyDecoderType = io.Custom("DM_TRANSPARENCY_DECODER")
 
 
-def register_model_folder() -> str:
-    """``models/transparency_decoders`` (+ anything extra_model_paths.yaml adds), ``.safetensors`` only."""
-    path = os.path.join(folder_paths.models_dir, FOLDER)
-    entry = folder_paths.folder_names_and_paths.get(FOLDER)
-    if entry is None:
-        folder_paths.folder_names_and_paths[FOLDER] = ([path], {".safetensors"})
-    else:
-        paths, _ = entry
-        if path not in paths:
-            paths.append(path)
-        folder_paths.folder_names_and_paths[FOLDER] = (paths, {".safetensors"})
-    return path
-
-
-register_model_folder()
+register_model_folder(FOLDER)
 
 
 def load_patcher(path: str) -> comfy.model_patcher.ModelPatcher:
