@@ -6,18 +6,10 @@ takes); foreground colour is straight unless named premultiplied.
 
 from __future__ import annotations
 
-import torch
 from comfy_api.latest import io
 
 from ..py import alpha as A
-from ._common import ALPHA_TIP, COMFY_MASK_TIP, STRAIGHT_TIP, log, out_device
-
-MASK_CONVENTIONS = ["alpha (1 = foreground)", "ComfyUI mask (1 = background)"]
-
-
-def _to_alpha(mask: torch.Tensor, convention: str) -> torch.Tensor:
-    mask = A.as_mask(mask, "mask")
-    return A.comfy_mask_to_alpha(mask) if convention == MASK_CONVENTIONS[1] else mask
+from ._common import ALPHA_TIP, COMFY_MASK_TIP, MASK_CONVENTIONS, STRAIGHT_TIP, log, mask_to_alpha, out_device
 
 
 class TrimapFromMask(io.ComfyNode):
@@ -42,7 +34,7 @@ class TrimapFromMask(io.ComfyNode):
 
     @classmethod
     def execute(cls, mask, mask_convention, erode_px, dilate_px, threshold) -> io.NodeOutput:
-        trimap, warnings = A.trimap_from_mask(_to_alpha(mask, mask_convention), erode_px, dilate_px, threshold)
+        trimap, warnings = A.trimap_from_mask(mask_to_alpha(mask, mask_convention), erode_px, dilate_px, threshold)
         for w in warnings:
             log.warning("Trimap From Mask: %s", w)
         return io.NodeOutput(trimap.to(out_device()))
@@ -119,7 +111,7 @@ class JoinRGBA(io.ComfyNode):
 
     @classmethod
     def execute(cls, foreground, mask, mask_convention) -> io.NodeOutput:
-        return io.NodeOutput(A.join_rgba(foreground, _to_alpha(mask, mask_convention)).to(out_device()))
+        return io.NodeOutput(A.join_rgba(foreground, mask_to_alpha(mask, mask_convention)).to(out_device()))
 
 
 class SplitRGBA(io.ComfyNode):

@@ -14,7 +14,6 @@ Images are padded (replicate) to the latent multiple of 8 and cropped back. Alph
 
 from __future__ import annotations
 
-import os
 
 import comfy.model_management as mm
 import comfy.sample
@@ -27,7 +26,7 @@ from comfy_api.latest import io
 from ..py import alpha as A
 from ..py.errors import UserError
 from . import _drip_model as D
-from ._common import ALPHA_TIP, STRAIGHT_TIP, check_interrupt, log, out_device, register_model_folder
+from ._common import ALPHA_TIP, STRAIGHT_TIP, check_interrupt, log, model_file, out_device, register_model_folder
 
 FOLDER = "drip"
 LATENT_MULTIPLE = 8
@@ -147,11 +146,7 @@ class DRIPModelLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, drip_name, weight_dtype, cross_domain_attention) -> io.NodeOutput:
-        path = folder_paths.get_full_path(FOLDER, drip_name)
-        if path is None:
-            tried = [os.path.join(d, drip_name) for d in folder_paths.get_folder_paths(FOLDER)]
-            raise UserError(f"DRIP model {drip_name!r} not found (looked in {tried})")
-        model = D.load_drip_model(path, dtype=DTYPES.get(weight_dtype))
+        model = D.load_drip_model(model_file(FOLDER, drip_name, "DRIP model"), dtype=DTYPES.get(weight_dtype))
         if cross_domain_attention:
             model = D.apply_cross_domain(model, True)
         return io.NodeOutput(model)

@@ -7,9 +7,8 @@ from comfy_api.latest import io
 
 from ..py import alpha as A
 from ..py.greenpost import color_hex, greenpost
-from ._common import ALPHA_TIP, STRAIGHT_TIP, check_interrupt, device, log, out_device, progress
-
-MASK_CONVENTIONS = ["alpha (1 = foreground)", "ComfyUI mask (1 = background)"]
+from ._common import (ALPHA_TIP, MASK_CONVENTIONS, STRAIGHT_TIP, check_interrupt, device, log, mask_to_alpha,
+                      out_device, progress)
 
 
 class GreenPost(io.ComfyNode):
@@ -57,9 +56,7 @@ class GreenPost(io.ComfyNode):
         image = A.as_image(image, "image")
         override = A.parse_color(key_color) if key_color_mode == "override" else None
         if coarse_mask is not None:
-            coarse_mask = A.as_mask(coarse_mask, "coarse_mask")
-            if mask_convention == MASK_CONVENTIONS[1]:
-                coarse_mask = A.comfy_mask_to_alpha(coarse_mask)
+            coarse_mask = mask_to_alpha(coarse_mask, mask_convention, "coarse_mask")
             if coarse_mask.shape[1:] != image.shape[1:3]:  # e.g. a latent-resolution mask: resize, never squash silently
                 log.info("GreenPost: resizing coarse mask %s to the image size %s", tuple(coarse_mask.shape[1:]),
                          tuple(image.shape[1:3]))

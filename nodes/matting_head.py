@@ -10,7 +10,6 @@ Mask outputs are alpha MASKs: 1 = foreground.
 
 from __future__ import annotations
 
-import os
 
 import comfy.model_management as mm
 import comfy.model_patcher
@@ -21,7 +20,7 @@ from comfy_api.latest import io
 
 from ..py.errors import UserError
 from ..py.matting_head import MattingHeadInfo, decode_with_matte, load_matting_head, tile_starts
-from ._common import ALPHA_TIP, check_interrupt, log, out_device, progress, register_model_folder
+from ._common import ALPHA_TIP, check_interrupt, log, model_file, out_device, progress, register_model_folder
 from ._vae_features import comfy_decode_fn, comfy_feature_channels
 
 FOLDER = "matting_heads"
@@ -52,14 +51,6 @@ class MattingHeadModel:
         return f"MattingHeadModel({self.name!r}, vae_family={self.info.vae_family!r})"
 
 
-def resolve_head_path(name: str) -> str:
-    path = folder_paths.get_full_path(FOLDER, name)
-    if path is None:
-        tried = [os.path.join(d, name) for d in folder_paths.get_folder_paths(FOLDER)]
-        raise UserError(f"matting head file not found: {' or '.join(tried)}")
-    return path
-
-
 class MattingHeadLoader(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -77,7 +68,7 @@ class MattingHeadLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, head_name) -> io.NodeOutput:
-        path = resolve_head_path(head_name)
+        path = model_file(FOLDER, head_name, "matting head file")
         head, info = load_matting_head(path, operations=comfy.ops.manual_cast, device=mm.unet_offload_device(),
                                        dtype=torch.float32)
         log.info("Load Matting Head: %s (vae_family=%s, config=%s)", path, info.vae_family, info.config)

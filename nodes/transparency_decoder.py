@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import os
 
 import comfy.model_management as mm
 import comfy.model_patcher
@@ -23,7 +22,7 @@ from comfy_api.latest import io
 from ..py import alpha as A
 from ..py import transparency_decoder as TD
 from ..py.errors import UserError
-from ._common import ALPHA_TIP, STRAIGHT_TIP, check_interrupt, log, out_device, register_model_folder
+from ._common import ALPHA_TIP, STRAIGHT_TIP, check_interrupt, model_file, out_device, register_model_folder
 
 FOLDER = "transparency_decoders"
 TransparencyDecoderType = io.Custom("DM_TRANSPARENCY_DECODER")
@@ -56,11 +55,7 @@ class TransparencyDecoderLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, decoder_name) -> io.NodeOutput:
-        path = folder_paths.get_full_path(FOLDER, decoder_name)
-        if path is None:
-            where = [os.path.join(p, decoder_name) for p in folder_paths.get_folder_paths(FOLDER)]
-            raise UserError(f"transparency decoder not found: {' or '.join(where)}")
-        return io.NodeOutput(load_patcher(path))
+        return io.NodeOutput(load_patcher(model_file(FOLDER, decoder_name, "transparency decoder")))
 
 
 def _check_vae(vae, config: TD.TransparencyDecoderConfig | None, latent: torch.Tensor) -> None:
@@ -89,7 +84,7 @@ def drip_decode(vae, fg_latent, alpha_latent, image, trimap, decoder=None, tile_
     image = A.as_image(image, "image")[..., :3]
     tri = A.normalize_trimap(trimap, "trimap").to(image.device)
     image, tri = A.broadcast_batch(image, tri, names=["image", "trimap"])
-    b, lh, lw = z_f.shape[0], z_f.shape[2], z_f.shape[3]
+    b = z_f.shape[0]
     if image.shape[0] not in (1, b):
         raise UserError(f"batch mismatch: {image.shape[0]} images but {b} latents")
     if b > 1 and image.shape[0] == 1:
