@@ -31,7 +31,7 @@ from . import alpha as A
 from . import metrics
 from .errors import UserError
 from .transparency_decoder import (LossWeights, TransparencyDecoder, TransparencyDecoderConfig, decoder_loss,
-                                   load_decoder, plain_decode, read_metadata, save_decoder)
+                                   load_decoder, plain_decode, save_decoder)
 
 LDM_PREFIXES = ("first_stage_model.", "vae.")
 
