@@ -6,7 +6,9 @@ import torch
 from comfy_api.latest import io
 
 from ..py import alpha as A
+from ..py.background_matting import garbage_matte_bound
 from ..py.greenpost import color_hex, greenpost
+from .background_matting import BMV2Type
 from ._common import (ALPHA_TIP, MASK_CONVENTIONS, STRAIGHT_TIP, check_interrupt, device, log, mask_to_alpha,
                       out_device, progress)
 
@@ -40,6 +42,11 @@ class GreenPost(io.ComfyNode):
                 io.Combo.Input("mask_convention", options=MASK_CONVENTIONS, default=MASK_CONVENTIONS[0],
                                optional=True, tooltip=ALPHA_TIP),
                 io.Image.Input("plate", optional=True, tooltip="Optional clean shot of the empty backdrop."),
+                BMV2Type.Input("refiner", optional=True,
+                               tooltip="Optional BackgroundMattingV2 (Load BackgroundMattingV2): DiffuMatting's "
+                                       "exact GreenPost. The clean plate GreenPost estimates (or the plate input) "
+                                       "is its background input; its alpha and foreground are returned (the "
+                                       "coarse mask still bounds the alpha). Not connected: training-free."),
             ],
             outputs=[
                 io.Image.Output("foreground", display_name="foreground (straight)", tooltip=STRAIGHT_TIP),
@@ -52,7 +59,7 @@ class GreenPost(io.ComfyNode):
 
     @classmethod
     def execute(cls, image, key_color_mode, key_color, despill, decontaminate, noise_clip, strict,
-                coarse_mask=None, mask_convention=MASK_CONVENTIONS[0], plate=None) -> io.NodeOutput:
+                coarse_mask=None, mask_convention=MASK_CONVENTIONS[0], plate=None, refiner=None) -> io.NodeOutput:
         image = A.as_image(image, "image")
         override = A.parse_color(key_color) if key_color_mode == "override" else None
         if coarse_mask is not None:
@@ -64,6 +71,8 @@ class GreenPost(io.ComfyNode):
                                                               mode="bilinear", align_corners=False)[:, 0]
         dev = device()
         n = image.shape[0]
+        if refiner is not None:
+            refiner.load(*image.shape[1:3])
         bar = progress(n)
         outs = []
         for i in range(n):
@@ -73,12 +82,29 @@ class GreenPost(io.ComfyNode):
                             despill=despill, decontaminate=decontaminate, noise_clip=noise_clip, strict=strict)
             for w in res.warnings:
                 log.warning("GreenPost image %d: %s", i, w)
+            if refiner is not None:
+                res = _refine(refiner, pick(image), pick(coarse_mask), res, i)
             outs.append(res)
             bar.update(1)
         od = out_device()
         cat = lambda name: torch.cat([getattr(r, name).to(od) for r in outs])  # noqa: E731
         keys = ", ".join(color_hex(r.key_color[0].tolist()) for r in outs)
         return io.NodeOutput(cat("foreground").contiguous(), cat("alpha"), cat("rgba"), cat("plate"), keys)
+
+
+def _refine(refiner, img, mask, res, index):
+    """GreenPost result -> the same with BackgroundMattingV2's alpha/foreground (image + GreenPost's plate);
+    the coarse mask bounds the alpha as in GreenPost. An image GreenPost found no screen in stays as it is
+    (its "plate" is the image itself, which would make the network call everything background)."""
+    if res.warnings and torch.equal(res.plate, img[..., :3]):
+        log.warning("GreenPost image %d: no backdrop found, so the BackgroundMattingV2 refiner is skipped", index)
+        return res
+    alpha, fg = refiner.refine(img[..., :3], res.plate)
+    if mask is not None:
+        alpha = torch.minimum(alpha, garbage_matte_bound(mask.to(alpha.device)))
+    res.rgba = A.join_rgba(fg, alpha)
+    res.alpha, res.foreground = res.rgba[..., 3], res.rgba[..., :3]
+    return res
 
 
 NODES = [GreenPost]
