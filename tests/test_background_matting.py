@@ -21,7 +21,13 @@ from diffusion_matting.py import background_matting as BM
 from diffusion_matting.py.cli import main as cli_main
 from diffusion_matting.py.errors import UserError
 
-torch.set_grad_enabled(False)
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    """Inference only, scoped to each test (a module-level switch would leak into other test files)."""
+    with torch.no_grad():
+        yield
 
 
 # ------------------------------------------------------------------------- the public layout, by hand
