@@ -40,9 +40,12 @@ and push-pull (a weighted image pyramid, filled coarse to fine) spreads them eve
 Noise and refinement: ``sigma`` = robust std (1.4826 MAD) of ``a0`` over full-resolution
 confident-background samples. Alpha goes through soft thresholds of width ``t = noise_clip * sigma``
 (``0`` below ``t``, ``2 (a - t)`` on ``[t, 2t]``, unchanged above, mirrored near 1), then a guided filter
-(He et al. 2010) with the unclipped colour-difference alpha as the guide: in every ``(2r+1)^2`` window
+(He et al. 2010) with the unclipped colour-difference alpha as the guide: in every window
 ``a ~ A g + b`` by least squares (``A = cov(g, a) / (var(g) + eps)``), averaged over the windows covering
-a pixel; it removes sensor noise and JPEG blocks and keeps every edge that the key signal shows.
+a pixel; it removes sensor noise and JPEG blocks and keeps every edge that the key signal shows. It is the
+*fast* guided filter (He & Sun 2015): window statistics, ``A`` and ``b`` at half resolution (window
+radius ``r/2`` there, i.e. about ``r`` px), ``A`` and ``b`` bilinearly upsampled and applied to the
+full-resolution guide (the edges come from the guide, so nothing is lost; a quarter of the work).
 
 Plate (<= ``plate_size`` px): backdrop pixels keep the screen's *chromaticity* ``X / (R + G + B)`` however
 lit (uneven light, vignetting), while mixing in any non-black subject moves it. The screen chromaticity
@@ -120,23 +123,18 @@ def key_basis(key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
     return c, n / n.norm(), mag
 
 
-def _dot(x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """``x . v`` over the last axis (size 3); faster than a matmul/reduction over a size-3 axis."""
-    return torch.einsum("...c,c->...", x, v.to(x))
-
-
-def _dotp(x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """``x . v`` over axis 1 of a planar ``[N,3,h,w]`` tensor -> ``[N,h,w]``."""
-    return torch.einsum("nchw,c->nhw", x, v.to(x))
-
-
 def key_signal(x: torch.Tensor, k: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
     """``s(X) = sqrt(6)/2 X.k - sqrt(2)/2 |X.n|`` over the last axis (``G - max(R,B)`` for a green key)."""
-    return SQ6_2 * _dot(x, k) - SQ2_2 * _dot(x, n).abs()
+    kn = torch.stack([k, n], 1).to(x)  # [3,2]: both projections in one matrix product
+    p = (x.reshape(-1, 3) @ kn).reshape(*x.shape[:-1], 2)
+    return SQ6_2 * p[..., 0] - SQ2_2 * p[..., 1].abs()
 
 
 def _key_signal_p(x: torch.Tensor, k: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
-    return SQ6_2 * _dotp(x, k) - SQ2_2 * _dotp(x, n).abs()
+    """:func:`key_signal` over axis 1 of a planar ``[N,3,h,w]`` tensor -> ``[N,h,w]``."""
+    N, _, h, w = x.shape
+    p = (torch.stack([k, n]).to(x) @ x.reshape(N, 3, h * w)).view(N, 2, h, w)
+    return p[:, 1].abs_().mul_(-SQ2_2).add_(p[:, 0], alpha=SQ6_2)
 
 
 def color_hex(rgb: Sequence[float]) -> str:
@@ -158,15 +156,20 @@ def soft_clip(a: torch.Tensor, t: float) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------ low-res tools
 def _blur(x: torch.Tensor) -> torch.Tensor:
-    """Binomial ``[1 4 6 4 1]/16`` blur (a Gaussian of sigma 1 px) of ``[N,C,h,w]``, replicate borders;
-    shifted adds, much faster on a CPU than a depthwise convolution."""
+    """Binomial ``[1 4 6 4 1]/16`` blur (a Gaussian of sigma 1 px) of ``[N,C,h,w]``, replicate borders:
+    per axis four adds of neighbouring pairs (``[1 1]^4``), much faster on a CPU than a convolution."""
+    scale = 1.0
     if x.shape[-1] >= 2:
-        p = F.pad(x, (2, 2, 0, 0), mode="replicate")
-        x = (p[..., :-4] + p[..., 4:] + 4.0 * (p[..., 1:-3] + p[..., 3:-1]) + 6.0 * p[..., 2:-2]) * (1.0 / 16)
+        x = F.pad(x, (2, 2, 0, 0), mode="replicate")
+        for _ in range(4):
+            x = x[..., :-1] + x[..., 1:]
+        scale /= 16
     if x.shape[-2] >= 2:
-        p = F.pad(x, (0, 0, 2, 2), mode="replicate")
-        x = (p[..., :-4, :] + p[..., 4:, :] + 4.0 * (p[..., 1:-3, :] + p[..., 3:-1, :]) + 6.0 * p[..., 2:-2, :]) * (1.0 / 16)
-    return x
+        x = F.pad(x, (0, 0, 2, 2), mode="replicate")
+        for _ in range(4):
+            x = x[..., :-1, :] + x[..., 1:, :]
+        scale /= 16
+    return x.mul_(scale) if scale != 1.0 else x
 
 
 def _norm_blur(values: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -184,7 +187,45 @@ def _half(x: torch.Tensor) -> torch.Tensor:
 
 def _up(x: torch.Tensor, size) -> torch.Tensor:
     """Bilinear resize of ``[N,C,h,w]`` to ``size`` (half-pixel centres)."""
+    h, w = x.shape[-2:]
+    f = size[0] // h
+    if f >= 2 and tuple(size) == (f * h, f * w):  # an integer factor: the fast exact path
+        return _upf(x, f)
     return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+def _up_axis(x: torch.Tensor, f: int, dim: int) -> torch.Tensor:
+    """Bilinear upsampling of ``x`` by the integer ``f`` along ``dim`` (-1 or -2), half-pixel centres and
+    clamped edges (== ``F.interpolate(scale_factor=f, align_corners=False)``): output ``i f + p`` lerps
+    input ``i`` with its neighbour on the side of ``(p + 0.5) / f - 0.5``; one strided lerp per phase."""
+    n = x.shape[dim]
+    xp = torch.cat([x.narrow(dim, 0, 1), x, x.narrow(dim, n - 1, 1)], dim)
+    if dim == -1:
+        out = torch.empty(*x.shape, f, dtype=x.dtype, device=x.device)
+        lo, mid, hi = xp[..., 0:n], xp[..., 1:n + 1], xp[..., 2:n + 2]
+        phase = lambda p: out[..., p]  # noqa: E731
+    else:
+        out = torch.empty(*x.shape[:-1], f, x.shape[-1], dtype=x.dtype, device=x.device)
+        lo, mid, hi = xp[..., 0:n, :], xp[..., 1:n + 1, :], xp[..., 2:n + 2, :]
+        phase = lambda p: out[..., p, :]  # noqa: E731
+    for p in range(f):
+        off = (p + 0.5) / f - 0.5
+        if off < 0:
+            torch.lerp(lo, mid, 1.0 + off, out=phase(p))
+        else:
+            torch.lerp(mid, hi, off, out=phase(p))
+    return out.flatten(-2) if dim == -1 else out.flatten(-3, -2)
+
+
+def _upf(x: torch.Tensor, f: int) -> torch.Tensor:
+    """Exact ``F.interpolate(x, scale_factor=f, mode="bilinear", align_corners=False)`` for an integer
+    ``f`` and ``[N,C,h,w]``: on a CPU the separable shifted lerps are several times faster (tiny maps
+    keep the library call)."""
+    if f == 1:
+        return x
+    if x.shape[-1] * x.shape[-2] * x.shape[-3] < 4096 or x.device.type != "cpu":
+        return F.interpolate(x, scale_factor=f, mode="bilinear", align_corners=False, recompute_scale_factor=False)
+    return _up_axis(_up_axis(x, f, -1), f, -2)
 
 
 def _box3(x: torch.Tensor) -> torch.Tensor:
@@ -232,17 +273,29 @@ def _downsample(img: torch.Tensor, f: int) -> torch.Tensor:
         return img.permute(2, 0, 1).unsqueeze(0).contiguous()
     h, w = -(-H // f), -(-W // f)
     Hc, Wc = (H // f) * f, (W // f) * f
-    rows = img[:Hc].reshape(H // f, f, W, C).sum(1)
+    rows = _sum_phases(img[:Hc].reshape(H // f, f, W, C), 1)
     if Hc < H:
         rows = torch.cat([rows, img[Hc:].sum(0, keepdim=True)], 0)  # [h, W, C]
-    out = rows[:, :Wc].reshape(h, W // f, f, C).sum(2)
+    out = _sum_phases(rows[:, :Wc].reshape(h, W // f, f, C), 2)
     if Wc < W:
         out = torch.cat([out, rows[:, Wc:].sum(1, keepdim=True)], 1)  # [h, w, C]
-    cy = torch.full((h,), float(f), device=img.device)
-    cx = torch.full((w,), float(f), device=img.device)
-    cy[-1], cx[-1] = H - (h - 1) * f, W - (w - 1) * f
-    out = out / (cy.view(-1, 1, 1) * cx.view(1, -1, 1))
+    if Hc < H or Wc < W:
+        cy = torch.full((h,), float(f), device=img.device)
+        cx = torch.full((w,), float(f), device=img.device)
+        cy[-1], cx[-1] = H - (h - 1) * f, W - (w - 1) * f
+        out = out / (cy.view(-1, 1, 1) * cx.view(1, -1, 1))
+    else:
+        out = out.mul_(1.0 / (f * f))
     return out.permute(2, 0, 1).unsqueeze(0).contiguous()
+
+
+def _sum_phases(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """``x.sum(dim)`` for a short ``dim`` as a chain of adds of slices (several times faster on a CPU
+    than the reduction kernel over a middle axis)."""
+    acc = x.select(dim, 0) + x.select(dim, 1) if x.shape[dim] > 1 else x.select(dim, 0).clone()
+    for i in range(2, x.shape[dim]):
+        acc += x.select(dim, i)
+    return acc
 
 
 class _Upsampler:
@@ -260,8 +313,7 @@ class _Upsampler:
             return self.low[0, :, a:b]
         h = self.low.shape[-2]
         j0, j1 = max(0, a // f - 1), min(h, (b - 1) // f + 2)
-        up = F.interpolate(self.low[:, :, j0:j1], scale_factor=f, mode="bilinear", align_corners=False,
-                           recompute_scale_factor=False)
+        up = _upf(self.low[:, :, j0:j1], f)
         return up[0, :, a - j0 * f: b - j0 * f, : self.W]
 
 
@@ -283,15 +335,63 @@ def _subsample(idx: torch.Tensor, n: int, seed: int = 0) -> torch.Tensor:
     """At most ``n`` entries of a 1-D index tensor, fixed-seed random choice."""
     if idx.numel() <= n:
         return idx
-    gen = torch.Generator().manual_seed(seed)
-    return idx[torch.randperm(idx.numel(), generator=gen)[:n].to(idx.device)]
+    return idx[_perm_prefix(idx.numel(), seed, max(n, 2048))[:n].to(idx.device)]
+
+
+@functools.lru_cache(maxsize=32)
+def _perm_prefix(m: int, seed: int, n: int) -> torch.Tensor:
+    """The first ``n`` entries of ``torch.randperm(m)`` with a generator seeded ``seed`` (cached: frames of
+    one size draw the same samples, and a permutation of ``m`` costs far more than the ``n`` picks)."""
+    return torch.randperm(m, generator=torch.Generator().manual_seed(seed))[:n].clone()
 
 
 # ------------------------------------------------------------------------------------ key colour
+def kmeans(pts: np.ndarray, k: int, seed: int = 0, max_iter: int = 50) -> tuple[np.ndarray, np.ndarray]:
+    """K-Means of ``pts`` ``[n,d]`` (float64) into ``k`` clusters: greedy k-means++ seeding (each new centre
+    is the best of ``2 + ln k`` candidates drawn in proportion to the squared distance to the nearest
+    centre so far, as in Arthur & Vassilvitskii / scikit-learn), then Lloyd iterations until no label
+    changes. Fixed seed. Returns ``(centres [k,d], labels [n])``. A few hundred microseconds for the
+    1000 x 3 samples used here, where scikit-learn's estimator spends milliseconds on set-up."""
+    rng = np.random.default_rng(seed)
+    n = len(pts)
+    k = max(1, min(int(k), n))
+    sq = (pts * pts).sum(1)
+    centres = [pts[rng.integers(n)]]
+    d2 = ((pts - centres[0]) ** 2).sum(1)
+    trials = 2 + int(math.log(k))
+    for _ in range(1, k):
+        total = float(d2.sum())
+        if total <= 0:  # fewer distinct points than clusters
+            centres.append(pts[rng.integers(n)])
+            continue
+        cand = np.searchsorted(np.cumsum(d2), rng.random(trials) * total).clip(max=n - 1)
+        nd = np.minimum(d2[None], np.maximum(sq[None] - 2.0 * pts[cand] @ pts.T + sq[cand][:, None], 0))
+        best = int(nd.sum(1).argmin())
+        centres.append(pts[cand[best]])
+        d2 = nd[best]
+    centres = np.array(centres)
+    labels = None
+    tol = 1e-4 * float(pts.var(0).mean())  # scikit-learn's default stopping rule
+    for _ in range(max_iter):
+        new = (centres @ pts.T * -2.0 + (centres * centres).sum(1)[:, None]).argmin(0)
+        if labels is not None and np.array_equal(new, labels):
+            break
+        labels = new
+        count = np.bincount(labels, minlength=k)
+        ok = count > 0
+        old = centres.copy()
+        for j in range(pts.shape[1]):
+            centres[ok, j] = np.bincount(labels, weights=pts[:, j], minlength=k)[ok] / count[ok]
+        if float(((centres - old) ** 2).sum()) <= tol:
+            labels = (centres @ pts.T * -2.0 + (centres * centres).sum(1)[:, None]).argmin(0)
+            break
+    return centres, labels
+
+
 def find_key_color(small: torch.Tensor, bg_hint: torch.Tensor | None = None, clusters: int = 5,
                    samples: int = 1000, seed: int = 0) -> tuple[torch.Tensor, dict]:
-    """Backdrop colour of a low-res planar image ``[1,3,h,w]`` by K-Means (scikit-learn, fixed seed,
-    on at most ``samples`` pixels).
+    """Backdrop colour of a low-res planar image ``[1,3,h,w]`` by K-Means (:func:`kmeans`: k-means++ and
+    Lloyd, fixed seed, on at most ``samples`` pixels).
 
     With ``bg_hint`` (``[h,w]`` bool: background candidates, e.g. outside a coarse mask) the most
     populated cluster of those pixels wins, whatever its colour. Without one, a screen is large, touches
@@ -300,8 +400,6 @@ def find_key_color(small: torch.Tensor, bg_hint: torch.Tensor | None = None, clu
     ``(max - min) / max`` of its centre and spread the median distance of its members' chromaticity
     ``X / sum(X)`` from the centre's. Returns ``(key [3], info)`` (``info``: share, saturation, spread).
     """
-    from sklearn.cluster import KMeans
-
     _, _, h, w = small.shape
     flat = small[0].reshape(3, -1).t()
     border = torch.zeros(h, w, dtype=torch.bool, device=small.device)
@@ -313,8 +411,7 @@ def find_key_color(small: torch.Tensor, bg_hint: torch.Tensor | None = None, clu
     pts = flat[idx].double().cpu().numpy()
     onb = border.reshape(-1)[idx].cpu().numpy()
     k = min(clusters if float(pts.std(0).max()) > 1e-3 else 1, len(pts))
-    km = KMeans(n_clusters=k, n_init=1, random_state=seed, max_iter=50).fit(pts)
-    centres, labels = km.cluster_centers_, km.labels_
+    centres, labels = kmeans(pts, k, seed=seed)
     ratio = pts / np.maximum(pts.sum(1, keepdims=True), 1e-2)
     best, best_score, stats = 0, -1.0, []
     for j in range(k):
@@ -374,21 +471,24 @@ def estimate_plate(small: torch.Tensor, key: torch.Tensor, bg_hint: torch.Tensor
         hint = None
     ref = _ratio_p(key.view(1, 3, 1, 1)).view(3, 1)
     pool = _subsample(torch.arange(h * w, device=dev) if hint is None else hint.nonzero()[:, 0], samples)
-    rp = r[:, pool]
     # mode seeking: medians within a shrinking radius walk from the K-Means centre (pulled by mixed
     # pixels) to the densest chromaticity, the bare screen; the radius settles at 3x the median distance
+    # (numpy: a few thousand samples, where per-call overhead dominates)
+    rp = r[:, pool].cpu().numpy()
+    ref_np = ref.cpu().numpy()
     radius = 0.1
     for _ in range(8):
-        near = _sqdist(rp, ref) < radius * radius
+        near = ((rp - ref_np) ** 2).sum(0) < radius * radius
         if int(near.sum()) < 16:
             break
         rn = rp[:, near]
-        ref = rn.median(1, keepdim=True).values
-        new_radius = min(max(3.0 * float(_sqdist(rn, ref).median().sqrt()), 0.008), 0.08)
+        ref_np = _lower_median(rn, 1)[:, None]
+        new_radius = min(max(3.0 * float(np.sqrt(_lower_median(((rn - ref_np) ** 2).sum(0), 0))), 0.008), 0.08)
         if new_radius >= radius * 0.95:
             radius = min(new_radius, radius)
             break
         radius = max(new_radius, radius * 0.6)
+    ref = torch.from_numpy(ref_np).to(r)
     tol2 = radius * radius
     sel = _sqdist(r, ref) < tol2
     if hint is not None:
@@ -399,7 +499,7 @@ def estimate_plate(small: torch.Tensor, key: torch.Tensor, bg_hint: torch.Tensor
     design = _poly_design(h, w, dev)
     for it in range(2):
         idx = _subsample(sel.nonzero()[:, 0], samples, it)
-        coef = torch.linalg.lstsq(design[:, idx].t().double(), r[:, idx].t().double()).solution.float()
+        coef = _lstsq_rows(design[:, idx], r[:, idx])
         new = _sqdist(r, coef.t() @ design) < tol2
         if hint is not None:
             new = new & hint
@@ -420,6 +520,24 @@ def estimate_plate(small: torch.Tensor, key: torch.Tensor, bg_hint: torch.Tensor
         wgt = cand
     smooth, den = _norm_blur(small, wgt)
     return push_pull(smooth, (den > 0.3).float() * den.clamp(max=1)), wgt[0, 0], radius
+
+
+def _lstsq_rows(basis: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Least-squares ``coef`` ``[m,c]`` with ``values ~ coef.T @ basis`` (``basis`` ``[m,N]``, ``values``
+    ``[c,N]``) by the normal equations in float64 (a few-term polynomial basis on -1..1 is well
+    conditioned; a LAPACK least-squares call costs several times more for these tiny systems)."""
+    b = basis.double()
+    gram, rhs = b @ b.t(), b @ values.double().t()
+    try:
+        return torch.linalg.solve(gram, rhs).float()
+    except RuntimeError:  # rank-deficient (e.g. all samples on one row): the minimum-norm solution
+        return torch.linalg.lstsq(b.t(), values.double().t()).solution.float()
+
+
+def _lower_median(x: np.ndarray, axis: int) -> np.ndarray:
+    """Median along ``axis`` that, like ``torch.median``, takes the lower middle value of an even count."""
+    m = (x.shape[axis] - 1) // 2
+    return np.take(np.partition(x, m, axis=axis), m, axis=axis)
 
 
 def _sqdist(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
@@ -473,12 +591,12 @@ def _noise_level(img, plate_at, bg_small, f, k, n, samples: int = 4096) -> float
 def greenpost(image: torch.Tensor, mask: torch.Tensor | None = None, plate: torch.Tensor | None = None,
               key_color: Sequence[float] | torch.Tensor | None = None, *,
               key_weight: float = 4.0, grey_weight: float = 0.3, despill: float = 1.0,
-              decontaminate: float = 1.0, noise_clip: float = 1.0, refine_radius: int = 2,
+              decontaminate: float = 1.0, noise_clip: float = 1.0, refine_radius: int = 4,
               refine_eps: float = 1e-4, mask_margin: float = 0.02, mask_holdout: bool = False, work_size: int = 160,
               min_foreground: float = 0.25,
               plate_size: int = 160, strict: bool = False, min_saturation: float = 0.25,
               max_spread: float = 0.06, min_key_signal: float = 0.05,
-              chunk_pixels: int = 1 << 19, cpu_threads: int | None = 1) -> GreenPostResult:
+              chunk_pixels: int | None = None, cpu_threads: int | None = 1) -> GreenPostResult:
     """Key a batch of green / blue / any-colour screen images (see the module doc for the maths).
 
     Parameters
@@ -497,7 +615,8 @@ def greenpost(image: torch.Tensor, mask: torch.Tensor | None = None, plate: torc
     decontaminate : ``a_d`` in ``F = F_l + r / max(a, a_d)``, 0..1 (0 = plain unmixing, 1 = blend
         ``a F + (1 - a) F_l``).
     noise_clip : width of the soft thresholds near 0 and 1, in noise standard deviations.
-    refine_radius, refine_eps : guided-filter window radius (px, 0 = off) and regulariser (alpha^2 units).
+    refine_radius, refine_eps : guided-filter window radius (full-res px, 0 = off; the fast guided filter
+        uses ``max(1, round(r/2))`` on its half-resolution grid) and regulariser (alpha^2 units).
     min_foreground : if no pixel of the working copy reaches this colour-difference alpha, the image is an
         empty screen and its alpha is exactly 0.
     work_size, plate_size : long side (px) of the working copies for ``F_l`` (at most 8x smaller than the
@@ -505,7 +624,11 @@ def greenpost(image: torch.Tensor, mask: torch.Tensor | None = None, plate: torc
     strict : raise :class:`UserError` when an image shows no backdrop colour, instead of returning it as
         all foreground with a warning. ``min_saturation``, ``max_spread`` (chromaticity tolerance) and
         ``min_key_signal`` set what counts as a screen (only without mask, plate and key override).
-    chunk_pixels : full-resolution pixels processed at once (memory vs. overhead).
+    chunk_pixels : full-resolution pixels processed at once (memory vs. overhead). ``None``: a quarter of
+        the image, between 2^16 and 2^19: large frames amortise the per-band overhead, while on smaller
+        ones each band's temporaries stay well below the outputs' size, so the C allocator reuses that
+        memory instead of returning it to the system and faulting it back in (up to a third of the
+        time on a CPU).
     cpu_threads : torch intra-op threads while keying on a CPU (restored afterwards; ``None`` = leave
         torch's setting). The work is a long chain of small, memory-bound ops, where extra threads mostly
         wait on each other: on a loaded 2-core machine 2 threads made a 4K frame 4x *slower* than 1.
@@ -559,7 +682,8 @@ def _greenpost(image, mask, plate, key_color, *, key_weight, grey_weight, despil
                mask_holdout=bool(mask_holdout), min_foreground=float(min_foreground),
                work_size=int(work_size), plate_size=int(plate_size), strict=bool(strict),
                min_saturation=float(min_saturation), max_spread=float(max_spread),
-               min_key_signal=float(min_key_signal), chunk_pixels=max(1, int(chunk_pixels)))
+               min_key_signal=float(min_key_signal),
+               chunk_pixels=None if chunk_pixels is None else max(1, int(chunk_pixels)))
     alpha = torch.empty(bsz, H, W, device=dev)
     rgba = torch.empty(bsz, H, W, 4, device=dev)
     plate_out = torch.empty(bsz, H, W, 3, device=dev)
@@ -678,8 +802,9 @@ def _key_one(img, mask, user_plate, override, alpha_out, rgba_out, plate_out, in
     # ---- alpha terms at low res: a = <d, e>_M / <e, e>_M = d . u with u = M e / <e, e>_M  (eq. 1)
     e_small = fl_small - plate_small
     gv = torch.tensor(_GREY, device=img.device)
-    me = (e_small + (opt["key_weight"] - 1.0) * _dotp(e_small, k)[:, None] * k.view(1, 3, 1, 1)
-          + (opt["grey_weight"] - 1.0) * _dotp(e_small, gv)[:, None] * gv.view(1, 3, 1, 1))
+    metric = (torch.eye(3, device=img.device) + (opt["key_weight"] - 1.0) * torch.outer(k, k)
+              + (opt["grey_weight"] - 1.0) * torch.outer(gv, gv))  # M of eq. (1), 3x3 symmetric
+    me = (metric @ e_small.reshape(3, -1)).view_as(e_small)
     u = me / (e_small * me).sum(1, keepdim=True).clamp_min(1e-3)
     inv_sb = _key_signal_p(plate_small, k, n)[:, None].clamp_min(1e-3).reciprocal()
     maps = [u, inv_sb] if user_plate is not None else [plate_small, u, inv_sb]
@@ -692,43 +817,64 @@ def _key_one(img, mask, user_plate, override, alpha_out, rgba_out, plate_out, in
 
 
 def _box5(x: torch.Tensor, r: int) -> torch.Tensor:
-    """``(2r+1)^2`` box mean of ``[C,n,W]`` with replicate borders (shifted adds)."""
+    """``(2r+1)^2`` box mean of ``[C,n,W]`` with replicate borders (separable window sums)."""
     p = F.pad(x.unsqueeze(0), (r, r, r, r), mode="replicate")[0]
-    n = p.shape[-1] - 2 * r
-    acc = p[..., 0:n] + p[..., 1:n + 1]
-    for i in range(2, 2 * r + 1):
-        acc += p[..., i:n + i]
-    n = acc.shape[1] - 2 * r
-    out = acc[:, 0:n] + acc[:, 1:n + 1]
-    for i in range(2, 2 * r + 1):
-        out += acc[:, i:n + i]
-    return out.mul_(1.0 / (2 * r + 1) ** 2)
+    return _window_sum(_window_sum(p, 2 * r + 1, -1), 2 * r + 1, -2).mul_(1.0 / (2 * r + 1) ** 2)
+
+
+def _window_sum(p: torch.Tensor, w: int, dim: int) -> torch.Tensor:
+    """Sums of ``w`` consecutive entries along ``dim`` (length ``L - w + 1``) by binary doubling: sums of
+    widths 1, 2, 4, ... (each one add of two shifted copies of the previous) combined by the bits of
+    ``w`` (``w = 5``: 3 adds instead of 4)."""
+    n = p.shape[dim] - w + 1
+    parts, off, s, width = [], 0, p, 1
+    while width <= w:
+        if w & width:
+            parts.append(s.narrow(dim, off, n))
+            off += width
+        if 2 * width <= w:
+            m = s.shape[dim] - width
+            s = s.narrow(dim, 0, m) + s.narrow(dim, width, m)
+        width *= 2
+    out = parts[0] + parts[1] if len(parts) > 1 else parts[0].clone()
+    for part in parts[2:]:
+        out += part
+    return out
 
 
 def _full_res(img, user_plate, up1, up2, k, n, noise, opt, alpha_out, rgba_out, plate_out, has_bounds):
     """Full resolution, in bands of rows (planar maths, interleaved outputs).
 
     Pass 1: alpha by eq. (1) (``a = d . u``), soft thresholds; the guide ``g = 1 - s(I)/s(B)`` (the
-    colour-difference alpha, unclipped). Pass 2 (bands with a ``2r`` halo): guided-filter refinement of
-    alpha with ``g`` as the guide (He et al.: in each ``(2r+1)^2`` window ``a ~ A g + b`` by least squares,
-    ``A = cov(g, a) / (var(g) + eps)``, averaged over the windows covering a pixel), which removes sensor
+    colour-difference alpha, unclipped). Pass 2 (bands with a halo): fast guided-filter refinement of
+    alpha with ``g`` as the guide (He & Sun: ``g`` and ``a`` averaged 2x2, in each ``(2 rl + 1)^2`` window
+    of that grid, ``rl = max(1, round(r/2))``, ``a ~ A g + b`` by least squares,
+    ``A = cov(g, a) / (var(g) + eps)``, ``A`` and ``b`` averaged over the windows covering a cell, then
+    bilinearly upsampled and applied as ``A g + b`` to the full-resolution guide), which removes sensor
     noise and JPEG blocks while keeping every edge the key signal shows; then mask bounds, unmixing,
-    despill.
+    despill. Bands are an even number of rows, so every band sees the same half-resolution grid. Each band of the interleaved image is copied to planar ``[3,n,W]`` once (element-wise maths
+    on strided channels is several times slower on a CPU); a single-band image keeps it for pass 2.
     """
     H, W, _ = img.shape
-    rows = max(1, opt["chunk_pixels"] // W)
+    chunk = opt["chunk_pixels"] or min(max(H * W // 4, 1 << 16), 1 << 19)
+    rows = max(2, chunk // W // 2 * 2)  # even: bands align with the half-resolution grid
+    single = rows >= H
     t = min(max(opt["noise_clip"] * noise, 0.004), 0.15)
     a_d = max(opt["decontaminate"], 1e-3)
     spill = opt["despill"]
-    kc = [float(v) for v in k]
-    nc = [float(v) for v in n]
+    kn = torch.stack([k, n]).float().to(img.device)  # [2,3]
+    kcol = kn[0].view(3, 1, 1)
     r, eps = opt["refine_radius"], opt["refine_eps"]
+    rl = max(1, round(r / 2))  # window radius at half resolution
+    halo = 2 + 4 * rl  # full-res rows a band needs on each side (even)
     a_buf = torch.empty(H, W, device=img.device)
     g_buf = torch.empty(H, W, device=img.device) if r > 0 else None
     bnd_buf = torch.empty(2, H, W, device=img.device) if has_bounds else None
+    planar = lambda y0, y1: img[y0:y1].permute(2, 0, 1).contiguous()  # noqa: E731
+    Ip = None
     for y0 in range(0, H, rows):
         y1 = min(H, y0 + rows)
-        I = img[y0:y1]
+        Ip = planar(y0, y1)
         m = up1.rows(y0, y1)
         if user_plate is None:
             B, u, inv_sb, rest = m[0:3], m[3:6], m[6], m[7:]
@@ -736,30 +882,29 @@ def _full_res(img, user_plate, up1, up2, k, n, noise, opt, alpha_out, rgba_out, 
                 plate_out[y0:y1, :, c] = B[c]
         else:
             B, u, inv_sb, rest = user_plate[y0:y1].permute(2, 0, 1), m[0:3], m[3], m[4:]
-        a = (I[..., 0] - B[0]).mul_(u[0])
-        a.addcmul_(I[..., 1] - B[1], u[1]).addcmul_(I[..., 2] - B[2], u[2])
-        a_buf[y0:y1] = soft_clip(a, t)
+        d = (Ip - B).mul_(u)
+        a_buf[y0:y1] = soft_clip(d[0].add_(d[1]).add_(d[2]), t)
         if has_bounds:
             bnd_buf[:, y0:y1] = rest
-        if g_buf is not None:
-            ik = I[..., 0] * kc[0]
-            ik.add_(I[..., 1], alpha=kc[1]).add_(I[..., 2], alpha=kc[2])
-            inn = I[..., 0] * nc[0]
-            inn.add_(I[..., 1], alpha=nc[1]).add_(I[..., 2], alpha=nc[2])
-            g_buf[y0:y1] = ik.mul_(-SQ6_2).add_(inn.abs_().mul_(SQ2_2)).mul_(inv_sb).add_(1.0)
+        if g_buf is not None:  # g = 1 - s(I) / s(B); I.k and I.n in one small matrix product
+            ikn = torch.mm(kn, Ip.view(3, -1)).view(2, y1 - y0, W)
+            ik = ikn[0].mul_(-SQ6_2).add_(ikn[1].abs_(), alpha=SQ2_2)
+            torch.mul(ik, inv_sb, out=g_buf[y0:y1]).add_(1.0)
     if user_plate is not None:
         plate_out.copy_(user_plate)
     for y0 in range(0, H, rows):
         y1 = min(H, y0 + rows)
         if g_buf is not None:
-            ya, yb = max(0, y0 - 2 * r), min(H, y1 + 2 * r)
-            g, p = g_buf[ya:yb], a_buf[ya:yb]
-            mean = _box5(torch.stack([g, p, g * p, g * g]), r)
+            # fast guided filter: window statistics and the linear model a ~ A g + b at half resolution,
+            # A and b bilinearly upsampled and applied to the full-resolution guide
+            ya, yb = max(0, y0 - halo), min(H, y1 + halo)
+            low = _half(torch.stack([g_buf[ya:yb], a_buf[ya:yb]])[None])[0]
+            gl, pl = low[0], low[1]
+            mean = _box5(torch.stack([gl, pl, gl * pl, gl * gl]), rl)
             mg, mp = mean[0], mean[1]
             A = (mean[2] - mg * mp).div_(mean[3].sub_(mg * mg).add_(eps))
-            mean = _box5(torch.stack([A, mp.sub_(A * mg)]), r)
-            a = mean[0].mul_(g).add_(mean[1])[y0 - ya: y0 - ya + (y1 - y0)]
-            a = soft_clip(a, t)
+            coef = _upf(_box5(torch.stack([A, mp.sub_(A * mg)]), rl)[None], 2)[0, :, y0 - ya: y1 - ya, :W]
+            a = soft_clip(coef[0].mul(g_buf[y0:y1]).add_(coef[1]), t)
         else:
             a = a_buf[y0:y1]
         if has_bounds:
@@ -767,27 +912,23 @@ def _full_res(img, user_plate, up1, up2, k, n, noise, opt, alpha_out, rgba_out, 
         alpha_out[y0:y1] = a
         # F = F_l + (d - a e) / max(a, a_d) = B + p d + q e,  p = 1 / max(a, a_d),  q = 1 - a p;
         # the default a_d = 1 gives F = I + (1 - a) e
-        I = img[y0:y1]
+        I = Ip if single else planar(y0, y1)
         e = up2.rows(y0, y1)
         if a_d >= 1.0:
-            q = torch.ones_like(a).sub_(a)
-            fg = [torch.addcmul(I[..., c], q, e[c]) for c in range(3)]
+            fg = torch.addcmul(I, torch.ones_like(a).sub_(a), e)
         else:
-            Bi = plate_out[y0:y1]
+            Bi = plate_out[y0:y1].permute(2, 0, 1)
             pinv = a.clamp_min(a_d).reciprocal_()
             q = torch.addcmul(torch.ones_like(a), a, pinv, value=-1.0)
-            fg = [torch.addcmul(Bi[..., c], pinv, I[..., c] - Bi[..., c]).addcmul_(q, e[c]) for c in range(3)]
+            fg = torch.addcmul(Bi, pinv, I - Bi).addcmul_(q, e)
         if spill > 0:  # F -= spill * max(s(F), 0) * 2/sqrt(6) * k
-            fk = fg[0] * kc[0]
-            fk.add_(fg[1], alpha=kc[1]).add_(fg[2], alpha=kc[2])
-            fn = fg[0] * nc[0]
-            fn.add_(fg[1], alpha=nc[1]).add_(fg[2], alpha=nc[2])
-            s = fk.mul_(SQ6_2).sub_(fn.abs_().mul_(SQ2_2)).clamp_min_(0).mul_(spill / SQ6_2)
-            for c in range(3):
-                fg[c].sub_(s, alpha=kc[c])
+            fkn = torch.mm(kn, fg.view(3, -1)).view(2, y1 - y0, W)
+            s = fkn[0].mul_(SQ6_2).sub_(fkn[1].abs_(), alpha=SQ2_2).clamp_min_(0).mul_(spill / SQ6_2)
+            fg.addcmul_(kcol, s, value=-1.0)
+        fg.clamp_(0, 1)
         out = rgba_out[y0:y1]
         for c in range(3):
-            out[..., c] = fg[c].clamp_(0, 1)
+            out[..., c] = fg[c]
         out[..., 3] = a
 
 

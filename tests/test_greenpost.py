@@ -15,8 +15,8 @@ from PIL import Image
 from diffusion_matting.py import metrics
 from diffusion_matting.py.cli import main
 from diffusion_matting.py.errors import UserError
-from diffusion_matting.py.greenpost import (_downsample, _Upsampler, color_hex, greenpost, key_basis, key_signal,
-                                            soft_clip)
+from diffusion_matting.py.greenpost import (_box5, _downsample, _lstsq_rows, _upf, _Upsampler, color_hex, greenpost,
+                                            key_basis, key_signal, kmeans, soft_clip)
 from diffusion_matting.py.samples import STUDIO_GREEN, make_sample
 
 BLUE = (0.1, 0.25, 0.85)
@@ -78,6 +78,42 @@ def test_downsample_and_upsampler_match_torch_references():
         up = _Upsampler(low, f, h, w)
         bands = torch.cat([up.rows(a, min(h, a + 6)) for a in range(0, h, 6)], 1)  # row bands == one pass
         assert torch.allclose(bands, full, atol=1e-6)
+
+
+def test_fast_upsampling_and_box_filter_match_torch_references():
+    g = torch.Generator().manual_seed(4)
+    for shape, f in [((1, 3, 80, 81), 2), ((1, 7, 33, 70), 5), ((2, 2, 40, 31), 8), ((1, 1, 3, 4), 2), ((1, 2, 9, 200), 3)]:
+        x = torch.rand(*shape, generator=g)
+        ref = F.interpolate(x, scale_factor=f, mode="bilinear", align_corners=False, recompute_scale_factor=False)
+        # (torch computes the source coordinate (i + 0.5) / f - 0.5 in float32: ~1e-5 apart at large i)
+        assert torch.allclose(_upf(x, f), ref, atol=2e-5), (shape, f)
+    for r in range(4):
+        x = torch.rand(3, 17, 26, generator=g)
+        ref = F.avg_pool2d(F.pad(x[None], (r, r, r, r), mode="replicate"), 2 * r + 1, stride=1)[0]
+        assert torch.allclose(_box5(x, r), ref, atol=1e-6), r
+
+
+def test_kmeans_finds_separated_clusters_and_normal_equations_match_lstsq():
+    rng = np.random.default_rng(0)
+    truth = np.array([[0.1, 0.8, 0.2], [0.9, 0.3, 0.3], [0.2, 0.2, 0.9]])
+    pts = np.concatenate([c + 0.03 * rng.standard_normal((n, 3)) for c, n in zip(truth, (500, 300, 200))])
+    centres, labels = kmeans(pts, 3, seed=1)
+    order = [int(np.argmin(np.linalg.norm(centres - c, axis=1))) for c in truth]
+    assert sorted(order) == [0, 1, 2]
+    assert np.abs(centres[order] - truth).max() < 0.01
+    # every point carries the label of its nearest centre, and the centres are their members' means
+    nearest = np.argmin(((pts[:, None] - centres[None]) ** 2).sum(2), 1)
+    assert np.array_equal(labels, nearest)
+    assert np.allclose(centres[labels[0]], pts[labels == labels[0]].mean(0))
+    assert [int((labels == j).sum()) for j in order] == [500, 300, 200]
+    # more clusters than distinct points: no failure, every point is its own centre
+    few = np.array([[0.5, 0.5, 0.5], [0.1, 0.2, 0.3]] * 10)
+    centres, labels = kmeans(few, 5)
+    assert np.abs(centres[labels] - few).max() < 1e-12
+    basis = torch.rand(6, 400, generator=torch.Generator().manual_seed(5)) * 2 - 1
+    values = torch.rand(3, 400, generator=torch.Generator().manual_seed(6))
+    ref = torch.linalg.lstsq(basis.t().double(), values.t().double()).solution.float()
+    assert torch.allclose(_lstsq_rows(basis, values), ref, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------ quality
@@ -231,6 +267,25 @@ def test_band_processing_is_exact_and_batches_are_independent():
     assert len(batch.warnings) == 1 and batch.warnings[0].startswith("image 2:")
     assert (batch.alpha[2] == 1).all()
     assert np.abs(chromaticity(batch.key_color[1].numpy()) - chromaticity(BLUE)).max() < 0.02
+
+
+def test_guided_refinement_removes_noise_and_keeps_edges():
+    s = sample("studio", noise=0.03, size=128, seed=11)
+    x = t(s.image)
+    raw = greenpost(x, refine_radius=0).alpha[0]
+    refined = greenpost(x).alpha[0]
+    gt = torch.from_numpy(s.alpha)
+    # sensor noise leaks into the unrefined matte; the guided filter removes most of it without blurring
+    # the edges away: lower SAD, MSE and gradient error against the truth
+    assert metrics.mse(refined, s.alpha) < 0.75 * metrics.mse(raw, s.alpha)
+    assert metrics.sad(refined, s.alpha) < 0.85 * metrics.sad(raw, s.alpha)
+    assert refined[gt == 0].abs().mean() < 0.6 * raw[gt == 0].abs().mean()
+    e_raw, e_ref = metrics.evaluate(raw, s.alpha), metrics.evaluate(refined, s.alpha)
+    assert e_ref["grad"] < 0.8 * e_raw["grad"], (e_ref, e_raw)
+    # any window: band processing (even bands, halo on the half-resolution grid) equals one pass
+    for radius in (1, 6):
+        whole = greenpost(x, refine_radius=radius).alpha
+        assert torch.allclose(whole, greenpost(x, refine_radius=radius, chunk_pixels=128 * 9).alpha, atol=1e-5)
 
 
 def test_threads_setting_is_restored():
