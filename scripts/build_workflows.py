@@ -22,6 +22,7 @@ ALPHA = "alpha (1 = foreground)"
 
 
 _WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+MODE_BYPASS = 4  # the front end's "bypass" (Ctrl+B): not executed, links pass through or drop
 
 
 def pack_widgets(node_id: str, values: dict) -> list:
@@ -51,6 +52,15 @@ def pack_widgets(node_id: str, values: dict) -> list:
                 options = typ if isinstance(typ, list) else opts.get("options", [])
                 out.append(options[0])
             seen.add(name)
+            # the front end's extra widgets: control_after_generate after a seed-like INT ("fixed" keeps the
+            # file reproducible; "<name>:control" overrides), plus control_filter_list after a COMBO's
+            cag = opts.get("control_after_generate")
+            if typ == "INT" and (cag or (cag is None and name in ("seed", "noise_seed"))):
+                out.append(values.get(f"{name}:control", "fixed"))
+                seen.add(f"{name}:control")
+            elif combo and cag:
+                out += [values.get(f"{name}:control", "fixed"), ""]
+                seen.add(f"{name}:control")
     unknown = set(values) - seen
     if unknown:
         raise KeyError(f"{node_id} has no widget(s) {sorted(unknown)}")
@@ -62,35 +72,60 @@ class Graph:
         self.title = title
         self.nodes: list[dict] = []
         self.links: list[list] = []
+        self.cols: dict[int, int] = {}
 
     def node(self, type_: str, widgets: list | None = None, inputs: dict | None = None,
-             outputs: list[tuple[str, str]] | None = None, title: str | None = None, size=(380, 170)) -> int:
-        """inputs: {input name: (type, (src node id, src slot))}; outputs: [(name, type)]."""
+             outputs: list[tuple[str, str]] | None = None, title: str | None = None, size=(380, 170),
+             mode: int = 0, col: int | None = None) -> int:
+        """inputs: {input name: (type, (src node id, src slot))}; outputs: [(name, type)].
+
+        An input of a widget type (STRING, INT, FLOAT, BOOLEAN, COMBO) is a widget fed by a link (the
+        widget keeps its value in ``widgets_values``); like the front end, such inputs follow the
+        socket inputs. ``mode``: 0 = normal, 4 = bypassed (e.g. an optional loader the user enables).
+        ``col``: layout column (default: one right of the node's deepest input), e.g. to put a loader
+        next to the node it feeds."""
         nid = len(self.nodes) + 1
+        if col is not None:
+            self.cols[nid] = col
         if isinstance(widgets, dict):
             widgets = pack_widgets(type_, widgets)
         node = {
             "id": nid, "type": type_, "pos": [0, 0], "size": list(size), "flags": {}, "order": nid - 1,
-            "mode": 0, "inputs": [], "outputs": [],
+            "mode": mode, "inputs": [], "outputs": [],
             "properties": {"Node name for S&R": type_}, "widgets_values": list(widgets or []),
         }
         if title:
             node["title"] = title
         for name, typ in outputs or []:
             node["outputs"].append({"name": name, "type": typ, "links": []})
-        for name, (typ, (src, slot)) in (inputs or {}).items():
+        items = sorted((inputs or {}).items(), key=lambda kv: kv[1][0] in _WIDGET_TYPES)  # stable
+        for name, (typ, (src, slot)) in items:
             lid = len(self.links) + 1
             self.links.append([lid, src, slot, nid, len(node["inputs"]), typ])
-            node["inputs"].append({"name": name, "type": typ, "link": lid})
+            entry = {"name": name, "type": typ, "link": lid}
+            if typ in _WIDGET_TYPES:
+                entry = {"name": name, "type": typ, "widget": {"name": name}, "link": lid}
+            node["inputs"].append(entry)
             self.nodes[src - 1]["outputs"][slot]["links"].append(lid)
         self.nodes.append(node)
         return nid
 
-    def layout(self) -> None:
+    def note(self, text: str, title: str = "Models", size=(380, 220)) -> int:
+        """A Note (front-end only; not executed) with instructions for the user."""
+        return self.node("Note", [text], title=title, size=size)
+
+    def depths(self) -> dict[int, int]:
         depth: dict[int, int] = {}
         for n in self.nodes:  # nodes are added in dependency order
             srcs = [l[1] for l in self.links if l[3] == n["id"]]
-            depth[n["id"]] = 1 + max((depth[s] for s in srcs), default=-1)
+            depth[n["id"]] = self.cols.get(n["id"], 1 + max((depth[s] for s in srcs), default=-1))
+        return depth
+
+    def depth_of(self, nid: int) -> int:
+        return self.depths()[nid]
+
+    def layout(self) -> None:
+        depth = self.depths()
         rows: dict[int, int] = {}
         for n in self.nodes:
             d = depth[n["id"]]
@@ -191,7 +226,121 @@ def greenpost_key_photo() -> Graph:
     return g
 
 
-BUILDERS = {"alpha_tools": alpha_tools, "trimap_matting": trimap_matting, "greenpost_key_photo": greenpost_key_photo, "drip_matting": drip_matting}
+# ---- green-canvas generation (DiffuMatting without its weights) ----------------------------------------
+# Public file names (README: "Workflows"); tests/comfy/test_workflows.py writes random-weight models
+# under exactly these names.
+CHECKPOINTS = {"sd15": "v1-5-pruned-emaonly.safetensors", "sdxl": "sd_xl_base_1.0.safetensors"}
+SIZES = {"sd15": 512, "sdxl": 1024}
+LORA_SD15 = "add_detail.safetensors"  # "Detail Tweaker LoRA" (civitai.com/models/58390): any SD1.5 LoRA works
+CONTROLNET_SD15 = "control_v11p_sd15_openpose.safetensors"  # lllyasviel/ControlNet-v1-1 (comfyanonymous fp16 too)
+MATTING_HEADS = {"sd15": "dm-matting-head-sd15.safetensors", "sdxl": "dm-matting-head-sdxl.safetensors"}
+GC_PROMPT = "a portrait photo of a woman with long curly hair, studio light, sharp focus"
+GC_NEGATIVE = "blurry, lowres, shadow, gradient background, vignette, text, watermark"
+
+
+def _green_canvas_note(family: str, lora: bool, controlnet: bool) -> str:
+    lines = [f"Checkpoint: models/checkpoints/{CHECKPOINTS[family]} (any {'SD1.5' if family == 'sd15' else 'SDXL'} "
+             "checkpoint works)."]
+    if lora:
+        lines.append(f"LoRA: models/loras/{LORA_SD15} (Detail Tweaker; any SD1.5 LoRA works).")
+    if controlnet:
+        lines.append(f"ControlNet: models/controlnet/{CONTROLNET_SD15}; load an OpenPose skeleton image "
+                     "(e.g. from a pose preprocessor) as the pose image.")
+    lines += [
+        f"Optional: a matting head trained with `diffusion-matting train matting-head` in models/matting_heads/ "
+        f"({MATTING_HEADS[family]}); select the bypassed Load Matting Head node and press Ctrl+B. Without it, "
+        "VAE Decode with Matte keys the decoded image with GreenPost (training-free).",
+        "Append Canvas Phrase adds 'pure green background'; the same text goes to CLIP Text Encode and Green "
+        "Canvas Model (which finds the key word 'green' in it). Green Canvas Noise already holds the noise: keep "
+        "add_noise = disable in KSampler (Advanced).",
+    ]
+    return "\n\n".join(lines)
+
+
+def green_canvas(family: str = "sd15", lora: bool = False, controlnet: bool = False) -> Graph:
+    """Green-canvas text-to-image: checkpoint [-> LoRA] -> Green Canvas Model + key-colour noise ->
+    KSampler (Advanced) [with a ControlNet on the conditioning] -> VAE Decode with Matte (optional matting
+    head; GreenPost fallback) -> GreenPost with the decode's matte as coarse mask -> RGBA PNG + preview."""
+    fam = "SD1.5" if family == "sd15" else "SDXL"
+    extras = " + LoRA + ControlNet (OpenPose)" if lora or controlnet else ""
+    g = Graph(f"Green-canvas generation ({fam}{extras}) -> VAE Decode with Matte -> GreenPost -> RGBA")
+    g.note(_green_canvas_note(family, lora, controlnet), title="Models and tips", size=(400, 330))
+    ckpt = g.node("CheckpointLoaderSimple", [CHECKPOINTS[family]],
+                  outputs=[("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")], title=f"Load Checkpoint ({fam})",
+                  size=(380, 120))
+    model, clip = (ckpt, 0), (ckpt, 1)
+    vae = (ckpt, 2)
+    if lora:
+        lo = g.node("LoraLoader", [LORA_SD15, 0.6, 0.6], {"model": ("MODEL", model), "clip": ("CLIP", clip)},
+                    [("MODEL", "MODEL"), ("CLIP", "CLIP")], title="Load LoRA (any SD1.5 LoRA)", size=(380, 140))
+        model, clip = (lo, 0), (lo, 1)
+    phrase = g.node("DM_AppendCanvasPhrase", {"prompt": GC_PROMPT}, outputs=[("prompt", "STRING")],
+                    title="Prompt (+ ', pure green background')", size=(400, 200))
+    pos = g.node("CLIPTextEncode", [""], {"clip": ("CLIP", clip), "text": ("STRING", (phrase, 0))},
+                 [("CONDITIONING", "CONDITIONING")], title="CLIP Text Encode (positive)", size=(380, 100))
+    neg = g.node("CLIPTextEncode", [GC_NEGATIVE], {"clip": ("CLIP", clip)},
+                 [("CONDITIONING", "CONDITIONING")], title="CLIP Text Encode (negative)", size=(380, 160))
+    positive, negative = (pos, 0), (neg, 0)
+    if controlnet:
+        beside = 2 if lora else 1  # the column of the text encoders: right before Apply ControlNet
+        cn = g.node("ControlNetLoader", [CONTROLNET_SD15], outputs=[("CONTROL_NET", "CONTROL_NET")],
+                    title="Load ControlNet (OpenPose)", size=(380, 90), col=beside)
+        pose = g.node("LoadImage", ["dm_pose.png", "image"], outputs=[("IMAGE", "IMAGE"), ("MASK", "MASK")],
+                      title="Pose image (OpenPose skeleton)", size=(380, 320), col=beside)
+        apply = g.node("ControlNetApplyAdvanced", [0.8, 0.0, 1.0],
+                       {"positive": ("CONDITIONING", positive), "negative": ("CONDITIONING", negative),
+                        "control_net": ("CONTROL_NET", (cn, 0)), "image": ("IMAGE", (pose, 0))},
+                       [("positive", "CONDITIONING"), ("negative", "CONDITIONING")], size=(380, 190))
+        positive, negative = (apply, 0), (apply, 1)
+    size = SIZES[family]
+    canvas = g.node("DM_CanvasLatent", {"width": size, "height": size}, {"vae": ("VAE", vae)},
+                    [("canvas", "LATENT")], size=(380, 180))
+    gcm = g.node("DM_GreenCanvasModel", {}, {"model": ("MODEL", model), "canvas": ("LATENT", (canvas, 0)),
+                                             "clip": ("CLIP", clip), "prompt": ("STRING", (phrase, 0))},
+                 [("model", "MODEL")], size=(400, 330))
+    noise = g.node("DM_GreenCanvasNoise", {"seed": 42}, {"model": ("MODEL", model), "canvas": ("LATENT", (canvas, 0))},
+                   [("noise", "NOISE"), ("noisy_latent", "LATENT")], size=(380, 250))
+    ks = g.node("KSamplerAdvanced", ["disable", 0, "fixed", 25, 7.0, "dpmpp_2m", "karras", 0, 10000, "disable"],
+                {"model": ("MODEL", (gcm, 0)), "positive": ("CONDITIONING", positive),
+                 "negative": ("CONDITIONING", negative), "latent_image": ("LATENT", (noise, 1))},
+                [("LATENT", "LATENT")], title="KSampler (Advanced): add_noise = disable", size=(380, 340))
+    head = g.node("DM_MattingHeadLoader", [MATTING_HEADS[family]], outputs=[("matting_head", "DM_MATTING_HEAD")],
+                  title="Load Matting Head (optional: bypassed)", size=(380, 90), mode=MODE_BYPASS,
+                  col=g.depth_of(ks))
+    dec = g.node("DM_VAEDecodeWithMatte", {}, {"samples": ("LATENT", (ks, 0)), "vae": ("VAE", vae),
+                                              "matting_head": ("DM_MATTING_HEAD", (head, 0))},
+                 [("image", "IMAGE"), ("alpha", "MASK"), ("mask_source", "STRING")], size=(380, 150))
+    gp = g.node("DM_GreenPost", {"mask_convention": ALPHA},
+                {"image": ("IMAGE", (dec, 0)), "coarse_mask": ("MASK", (dec, 1))},
+                [("foreground", "IMAGE"), ("alpha", "MASK"), ("rgba", "IMAGE"), ("clean_plate", "IMAGE"),
+                 ("key", "STRING")], size=(380, 330))
+    g.node("PreviewImage", [], {"images": ("IMAGE", (dec, 0))}, title="Generated image (green canvas)",
+           size=(380, 320))
+    g.node("SaveImage", [f"dm_green_canvas_{family}" + ("_lora_cn" if lora or controlnet else "")],
+           {"images": ("IMAGE", (gp, 2))}, title="Save RGBA PNG", size=(380, 320))
+    prev = g.node("DM_AlphaPreview", {"mode": "checkerboard"},
+                  {"foreground": ("IMAGE", (gp, 0)), "alpha": ("MASK", (gp, 1))}, [("preview", "IMAGE")])
+    g.node("PreviewImage", [], {"images": ("IMAGE", (prev, 0))}, title="Cut-out on a checkerboard", size=(380, 320))
+    return g
+
+
+def green_canvas_sd15() -> Graph:
+    return green_canvas("sd15")
+
+
+def green_canvas_lora_controlnet() -> Graph:
+    return green_canvas("sd15", lora=True, controlnet=True)
+
+
+def green_canvas_sdxl() -> Graph:
+    return green_canvas("sdxl")
+
+
+# Add a workflow: write a builder returning a Graph and list it here (file name = key); give it a Spec in
+# tests/comfy/test_workflows.py if it needs model files or inputs of its own.
+BUILDERS = {"alpha_tools": alpha_tools, "trimap_matting": trimap_matting, "greenpost_key_photo": greenpost_key_photo,
+            "drip_matting": drip_matting, "green_canvas_sd15": green_canvas_sd15,
+            "green_canvas_lora_controlnet": green_canvas_lora_controlnet, "green_canvas_sdxl": green_canvas_sdxl}
 
 
 def main() -> None:

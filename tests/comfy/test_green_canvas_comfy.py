@@ -20,99 +20,13 @@ import pytest
 import torch
 
 import harness
+# the model builders are shared with test_workflows (tests/comfy/models.py)
+from models import build_clip as _build_clip, build_controlnet as _build_controlnet
+from models import build_model as _build_model, tiny_vae as _tiny_vae, write_lora as _write_lora
 
-SD15 = {'use_checkpoint': False, 'image_size': 32, 'out_channels': 4, 'use_spatial_transformer': True, 'legacy': False,
-        'adm_in_channels': None, 'in_channels': 4, 'model_channels': 32, 'num_res_blocks': [2, 2, 2, 2],
-        'transformer_depth': [1, 1, 1, 1, 1, 1, 0, 0], 'channel_mult': [1, 2, 4, 4], 'transformer_depth_middle': 1,
-        'use_linear_in_transformer': False, 'context_dim': 768, 'num_heads': 2,
-        'transformer_depth_output': [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
-        'use_temporal_attention': False, 'use_temporal_resblock': False}
-SDXL = {'use_checkpoint': False, 'image_size': 32, 'out_channels': 4, 'use_spatial_transformer': True, 'legacy': False,
-        'num_classes': 'sequential', 'adm_in_channels': 2816, 'in_channels': 4, 'model_channels': 32,
-        'num_res_blocks': [2, 2, 2], 'transformer_depth': [0, 0, 2, 2, 10, 10], 'channel_mult': [1, 2, 4],
-        'transformer_depth_middle': 10, 'use_linear_in_transformer': True, 'context_dim': 2048, 'num_head_channels': 16,
-        'transformer_depth_output': [0, 0, 0, 2, 2, 2, 10, 10, 10],
-        'use_temporal_attention': False, 'use_temporal_resblock': False}
 PROMPT = "a photo of a cat, (pure green:1.2) background"
 GREEN_INDEX = 8  # <s> a photo of a cat , pure green background -> "green" is token 8
 B, PX = 2, 64
-
-
-def _randomize(module: torch.nn.Module, seed: int, zero_last: bool = False) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    sd = {}
-    for k, v in module.state_dict().items():
-        if not v.is_floating_point():
-            sd[k] = v
-        elif ("norm" in k or "ln" in k) and k.endswith("weight"):
-            sd[k] = torch.ones_like(v)
-        elif k.endswith("bias"):
-            sd[k] = torch.zeros_like(v)
-        else:
-            sd[k] = torch.randn(v.shape, generator=g) / max(1, v[0].numel()) ** 0.5
-    module.load_state_dict(sd)
-    return sd
-
-
-def _build_model(family: str):
-    import comfy.model_patcher
-    import comfy.supported_models as SM
-
-    cls, cfg = (SM.SD15, SD15) if family == "sd15" else (SM.SDXL, SDXL)
-    mc = cls(dict(cfg))
-    mc.set_inference_dtype(torch.float32, None)
-    model = mc.get_model({}, "")
-    _randomize(model.diffusion_model, seed=1 if family == "sd15" else 2)
-    cpu = torch.device("cpu")
-    return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu), mc
-
-
-def _build_clip(mc):
-    import comfy.sd
-
-    return comfy.sd.CLIP(target=mc.clip_target({}), embedding_directory=harness.env().folder_paths.get_folder_paths("embeddings"))
-
-
-def _tiny_vae():
-    import comfy.sd
-
-    ddconfig = {"double_z": True, "z_channels": 4, "resolution": 64, "in_channels": 3, "out_ch": 3, "ch": 32,
-                "ch_mult": [1, 1, 1, 1], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0}
-    config = {"params": {"ddconfig": ddconfig, "embed_dim": 4}}
-    vae = comfy.sd.VAE(sd={}, config=config)
-    _randomize(vae.first_stage_model, seed=3)
-    return vae
-
-
-def _write_lora(model, name: str, seed: int, rank: int = 4) -> None:
-    """A kohya-style LoRA on every attention projection of the UNet."""
-    from safetensors.torch import save_file
-
-    g = torch.Generator().manual_seed(seed)
-    sd = {}
-    for k, v in model.model.diffusion_model.state_dict().items():
-        if k.endswith(".weight") and v.ndim == 2 and (".attn1." in k or ".attn2." in k) and "to_out" not in k:
-            base = "lora_unet_" + k[: -len(".weight")].replace(".", "_")
-            sd[base + ".lora_down.weight"] = torch.randn(rank, v.shape[1], generator=g) * 0.05
-            sd[base + ".lora_up.weight"] = torch.randn(v.shape[0], rank, generator=g) * 0.05
-            sd[base + ".alpha"] = torch.tensor(float(rank))
-    save_file(sd, str(harness.model_path("loras", name)))
-
-
-def _build_controlnet(family: str):
-    """A ControlNet of the model's architecture (cldm.ControlNet, random weights, non-zero zero-convs)
-    wrapped the way ControlNetLoader wraps it. (ComfyUI's loader cannot size a shrunken SD1.5-style
-    ControlNet from its file: detection needs the real 320 channels to find the head count.)"""
-    import comfy.cldm.cldm
-    import comfy.controlnet
-    import comfy.ops
-
-    cfg = dict(SD15 if family == "sd15" else SDXL)
-    cfg.pop("out_channels")
-    cfg.update(hint_channels=3, operations=comfy.ops.disable_weight_init, dtype=torch.float32, device="cpu")
-    cn = comfy.cldm.cldm.ControlNet(**cfg)
-    _randomize(cn, seed=4)
-    return comfy.controlnet.ControlNet(cn, load_device=torch.device("cpu"), manual_cast_dtype=None)
 
 
 def _cond(family: str, seed: int):

@@ -3,14 +3,17 @@ on the CPU inside ComfyUI; saved/previewed images are checked against the tensor
 and, for the pack's nodes, against independent computations from the inputs the test generated.
 
 Per-workflow needs go in ``SPECS``: a ``setup`` hook (write input images / random-weight model files
-under the names the workflow's widgets use), the expected output size, and extra checks. Input images
-named by LoadImage widgets and not written by a hook get a procedural default (an RGBA cut-out, or a
-green-screen shot when the name says green/screen/key).
+under the names the workflow's widgets use: tests/comfy/models.py builds checkpoints, LoRAs and
+ControlNets ComfyUI's loaders detect), the expected output size, test-only widget ``overrides`` (e.g. a
+small latent and few steps; the shipped JSON keeps the user-facing values) and extra checks. Input
+images named by LoadImage widgets and not written by a hook get a procedural default (an RGBA cut-out,
+or a green-screen shot when the name says green/screen/key).
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -79,9 +82,27 @@ class WorkflowContext:
 
 @dataclass
 class Spec:
+    """How the test runs one shipped workflow.
+
+    ``overrides``: test-only widget values, ``{class_type: {input name: value}}``, set on every node of
+    that type in the converted API prompt (after conversion and before validation), e.g. a smaller
+    latent and fewer steps so random-weight checkpoints sample in seconds on a CPU. The shipped JSON keeps
+    its user-facing values; every named node type and input must exist (a stale override fails)."""
     setup: Callable[[WorkflowContext], None] | None = None
     output_hw: tuple[int, int] | None = None   # every saved/previewed image's (H, W); None = the input size
     check: Callable[[WorkflowContext], None] | None = None
+    overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def apply_overrides(prompt: dict, overrides: dict[str, dict[str, Any]]) -> None:
+    for class_type, values in overrides.items():
+        ids = harness.nodes_of(prompt, class_type)
+        assert ids, f"override for {class_type}, which the workflow does not have"
+        for nid in ids:
+            for name, value in values.items():
+                assert name in prompt[nid]["inputs"], f"override {class_type}.{name}: no such input in node {nid}"
+                assert not isinstance(prompt[nid]["inputs"][name], list), f"override {class_type}.{name}: linked"
+                prompt[nid]["inputs"][name] = value
 
 
 def _sample(h: int, w: int, seed: int, style: str = "studio"):
@@ -279,11 +300,228 @@ def _greenpost_check(ctx: WorkflowContext) -> None:
     assert str(key).startswith("#") and len(str(key)) == 7
 
 
+# ---- green-canvas generation: random-weight SD1.5 / SDXL checkpoints, LoRA and ControlNet ---------------
+# The public file names the workflows use (README "Workflows"); tests/comfy/models.py writes random-weight
+# files of the right architecture under them (CheckpointLoaderSimple must detect SD1.5 / SDXL).
+GC_FILES = {"sd15": ("checkpoints", "v1-5-pruned-emaonly.safetensors"),
+            "sdxl": ("checkpoints", "sd_xl_base_1.0.safetensors"),
+            "lora": ("loras", "add_detail.safetensors"),
+            "controlnet": ("controlnet", "control_v11p_sd15_openpose.safetensors")}
+GC_PX, GC_STEPS = 128, 4   # test-only: 16x16 latents, 4 steps (the workflows ship 512/1024 px, 25 steps)
+# threshold: with random weights Otsu splits the key word's attention map anywhere; a low fixed threshold
+# marks most of the frame as background, so the random image always has a screen for GreenPost to find
+GC_OVERRIDES = {"DM_CanvasLatent": {"width": GC_PX, "height": GC_PX}, "KSamplerAdvanced": {"steps": GC_STEPS},
+                "DM_GreenCanvasModel": {"threshold": 0.15}}
+POSE_HW = (120, 160)  # not the latent's size: the ControlNet resizes its hint
+
+
+def _pose_image(h: int, w: int) -> np.ndarray:
+    """An OpenPose-style skeleton (coloured limbs and joints on black)."""
+    img = np.zeros((h, w, 3), np.uint8)
+    yy, xx = np.mgrid[0:h, 0:w]
+    pts = {"head": (0.2, 0.5), "neck": (0.35, 0.5), "l_sh": (0.37, 0.38), "r_sh": (0.37, 0.62), "l_hand": (0.6, 0.3),
+           "r_hand": (0.6, 0.7), "hip": (0.65, 0.5), "l_foot": (0.95, 0.4), "r_foot": (0.95, 0.6)}
+    limbs = [("head", "neck"), ("neck", "l_sh"), ("neck", "r_sh"), ("l_sh", "l_hand"), ("r_sh", "r_hand"),
+             ("neck", "hip"), ("hip", "l_foot"), ("hip", "r_foot")]
+    colours = [(255, 0, 0), (255, 85, 0), (255, 170, 0), (170, 255, 0), (0, 255, 85), (0, 170, 255), (85, 0, 255),
+               (255, 0, 170)]
+    for (a, b), c in zip(limbs, colours):
+        (y0, x0), (y1, x1) = (np.array(pts[a]) * (h, w)), (np.array(pts[b]) * (h, w))
+        d = np.array([y1 - y0, x1 - x0])
+        t = np.clip(((yy - y0) * d[0] + (xx - x0) * d[1]) / max(1e-6, d @ d), 0, 1)
+        img[np.hypot(yy - (y0 + t * d[0]), xx - (x0 + t * d[1])) < 2.5] = c
+    for y, x in pts.values():
+        img[np.hypot(yy - y * h, xx - x * w) < 3.5] = (0, 0, 255)
+    return img
+
+
+def _green_canvas_setup(family: str, lora: bool = False, controlnet: bool = False):
+    def setup(ctx: WorkflowContext) -> None:
+        import models
+
+        models.write_checkpoint(*GC_FILES[family], family=family)  # once per session (same name, same weights)
+        if lora:
+            models.write_lora_file(GC_FILES["lora"][1], family, seed=10)
+        if controlnet:
+            models.write_controlnet(GC_FILES["controlnet"][1], family, seed=20)
+            ctx.add_input_image("dm_pose.png", _pose_image(*POSE_HW))
+        harness.refresh_file_lists()
+    return setup
+
+
+def _controller(model):
+    """The CanvasController a Green Canvas Model MODEL carries (shared by its attn2 and post-CFG patches)."""
+    for f in model.model_options.get("sampler_post_cfg_function", []):
+        if hasattr(f, "controller"):
+            return f.controller
+    return None
+
+
+def _green_canvas_check(ctx: WorkflowContext) -> None:
+    with torch.inference_mode():  # the run's tensors are inference tensors
+        _green_canvas_check_impl(ctx)
+
+
+def _green_canvas_check_impl(ctx: WorkflowContext) -> None:
+    import comfy.supported_models as SM
+    from safetensors import safe_open
+
+    from diffusion_matting.py import green_canvas as G
+
+    # the core function as ComfyUI loaded it with the pack (the node module's own import of py/greenpost.py)
+    greenpost = sys.modules[ctx.env.node_class_mappings["DM_GreenPost"].__module__].greenpost
+
+    P = ctx.prompt
+    one = lambda t: (harness.nodes_of(P, t) or [None])[0]  # noqa: E731
+    ckpt, phrase, gcm, canvas_id, noise_id, ks, dec, gp = (
+        one(t) for t in ("CheckpointLoaderSimple", "DM_AppendCanvasPhrase", "DM_GreenCanvasModel", "DM_CanvasLatent",
+                         "DM_GreenCanvasNoise", "KSamplerAdvanced", "DM_VAEDecodeWithMatte", "DM_GreenPost"))
+    name = P[ckpt]["inputs"]["ckpt_name"]
+    family = "sdxl" if name == GC_FILES["sdxl"][1] else "sd15"
+    lat_hw = (GC_PX // 8, GC_PX // 8)
+
+    # 1. CheckpointLoaderSimple detected the random file as the right family
+    base = ctx.run.output(ckpt, 0)
+    want_cfg = SM.SDXL if family == "sdxl" else SM.SD15
+    assert type(base.model.model_config) is want_cfg, type(base.model.model_config)
+    clip, vae = ctx.run.output(ckpt, 1), ctx.run.output(ckpt, 2)
+    pos = ctx.upstream(ks, "positive")
+    width = 2048 if family == "sdxl" else 768
+    assert pos[0][0].shape == (1, 77, width)
+    if family == "sdxl":
+        assert pos[0][1]["pooled_output"].shape == (1, 1280)
+
+    # 2. the prompt got the canvas phrase, and the patch watches the token of "green" in it
+    text = ctx.run.output(phrase)
+    user = P[phrase]["inputs"]["prompt"]
+    assert text.startswith(user) and text.rstrip().endswith("pure green background"), text
+    tokens = [t for t, _w in clip.tokenize(text)["l"][0]]
+    green = clip.tokenize("green")["l"][0][1][0]
+    want_idx = [i for i, t in enumerate(tokens) if t == green]
+    assert len(want_idx) == 1
+    ctrl = _controller(ctx.run.output(gcm))
+    assert ctrl is not None and ctrl.recorder is not None and ctrl.recorder.token_indices == want_idx
+    steps = int(P[ks]["inputs"]["steps"])
+    strengths = [h[2] for h in ctrl.history]
+    assert len(strengths) == steps, (len(strengths), steps)
+    assert strengths[0] == pytest.approx(float(P[gcm]["inputs"]["strength"])) and strengths[-1] == 0.0
+    mask = ctrl.last_mask.float().cpu()  # background estimate from the key word's attention, 1 = background
+    assert mask.shape == (1, *lat_hw) and 0 <= float(mask.min()) and float(mask.max()) <= 1
+    assert (mask > 0.5).any() and (mask < 0.5).any(), "attention found no background/subject split"
+
+    # 3. the far background (core_margin away from the subject) is held on the canvas to the last step:
+    #    the sampled latent there IS the key colour's latent; the subject is free
+    out = ctx.run.output(ks)["samples"].float().cpu()
+    canvas = ctx.run.output(canvas_id)["samples"].float().cpu()
+    assert out.shape == canvas.shape == (1, 4, *lat_hw)
+    core = G.background_core(mask, float(P[gcm]["inputs"]["core_margin"]))  # where hold_background acts
+    held, exact, subject = core >= 0.9, core >= 0.999, mask < 0.5
+    assert int(held.sum()) >= 4 and subject.any(), (int(held.sum()), int(subject.sum()))
+    dist = (out - canvas).abs().amax(1)  # [1,h,w]
+    scale = 1 + float(canvas.abs().max())
+    if exact.any():  # last step: d' = d + core * (canvas - d) -> the canvas itself where core = 1
+        assert float(dist[exact].max()) < 1e-2 * scale, float(dist[exact].max())
+    near, far = float(dist[held].mean()), float(dist[subject].mean())
+    assert near < 0.15 * far and far > 0.1, (near, far)
+    # the start was the key-colour noise: its background channel means moved to the canvas (not plain noise)
+    noisy = ctx.run.output(noise_id, 1)["samples"].float().cpu()
+    assert noisy.shape == out.shape and torch.isfinite(noisy).all()
+
+    # 4. VAE Decode with Matte: the VAE's decode, and its matte: GreenPost's alpha of it without a head,
+    #    else the head run on the decoder's last feature (the input of decoder.norm_out, captured by a hook)
+    image, alpha, source = ctx.run.output(dec, 0), ctx.run.output(dec, 1), ctx.run.output(dec, 2)
+    head = ctx.upstream(dec, "matting_head")
+    feats = []
+    hook = vae.first_stage_model.decoder.norm_out.register_forward_pre_hook(
+        lambda _m, args: feats.append(args[0].detach().float().cpu()))
+    try:
+        decoded = vae.decode(ctx.run.output(ks)["samples"])[..., :3]
+    finally:
+        hook.remove()
+    np.testing.assert_allclose(_np(image), _np(decoded), atol=2e-3)
+    if head is None:
+        assert "GreenPost" in source, source
+        np.testing.assert_allclose(_np(alpha), _np(greenpost(image.float()).alpha), atol=1e-5)
+    else:
+        from diffusion_matting.py.matting_head import load_matting_head
+
+        assert head.name in source and "matting head" in source, source
+        ref, _info = load_matting_head(harness.model_path("matting_heads", head.name))
+        (feature,) = feats
+        np.testing.assert_allclose(_np(alpha), _np(ref(feature)[:, 0]), atol=1e-4)
+        assert 0.05 < float(alpha.float().std()), "the head's matte is flat"
+    # the held background decodes to one flat colour, the subject does not
+    up = lambda m: np.kron(m[0].numpy().astype(np.float32), np.ones((8, 8))) > 0.5  # noqa: E731
+    img = _np(image)[0]
+    bg_px, subj_px = img[up(held)], img[up(subject)]
+    spread_bg, spread_subj = float(bg_px.std(0).max()), float(subj_px.std(0).max())
+    assert spread_bg < 0.3 * spread_subj, (spread_bg, spread_subj)
+
+    # 5. GreenPost keyed the decode with its matte as the coarse mask (alpha convention, not inverted)
+    fg, a, rgba = (_np(ctx.run.output(gp, i)) for i in range(3))
+    want = greenpost(image.float(), mask=alpha.float())
+    np.testing.assert_allclose(a, _np(want.alpha), atol=1e-5)
+    np.testing.assert_array_equal(rgba[..., 3], a)
+    np.testing.assert_array_equal(rgba[..., :3], fg)
+    # ... and it found the held background to be the screen: its colour is the key, it is cut out
+    key = np.array([int(str(ctx.run.output(gp, 4))[i:i + 2], 16) / 255 for i in (1, 3, 5)])
+    np.testing.assert_allclose(key, np.median(bg_px, 0), atol=0.1)
+    assert float(a[0][up(held)].mean()) < 0.1, float(a[0][up(held)].mean())
+    assert float(a[0][up(subject)].mean()) > 0.3, float(a[0][up(subject)].mean())
+    (save,) = harness.nodes_of(P, "SaveImage")
+    (png,) = ctx.run.files(save)
+    arr = np.asarray(Image.open(png))
+    assert arr.shape == (GC_PX, GC_PX, 4)
+    np.testing.assert_allclose(arr[..., 3] / 255.0, a[0], atol=1 / 255 + 1e-6)  # the saved alpha IS GreenPost's (8 bit)
+
+    # 6. LoRA: every module of the file patched the UNet / text encoder at the workflow's strengths
+    lo = one("LoraLoader")
+    if lo is not None:
+        path = harness.model_path("loras", P[lo]["inputs"]["lora_name"])
+        with safe_open(str(path), "pt") as f:
+            downs = [k for k in f.keys() if k.endswith(".lora_down.weight")]
+        n_unet = sum(k.startswith("lora_unet_") for k in downs)
+        m_lora, c_lora = ctx.run.output(lo, 0), ctx.run.output(lo, 1)
+        assert n_unet > 0 and len(m_lora.patches) == n_unet, (len(m_lora.patches), n_unet)
+        assert len(c_lora.patcher.patches) == len(downs) - n_unet > 0
+        assert {p[0][0] for p in m_lora.patches.values()} == {float(P[lo]["inputs"]["strength_model"])}
+        assert {p[0][0] for p in c_lora.patcher.patches.values()} == {float(P[lo]["inputs"]["strength_clip"])}
+        assert not base.patches, "the checkpoint's MODEL must stay unpatched"
+
+    # 7. ControlNet: the pose image drives both conditionings, and it changes the sample
+    ap = one("ControlNetApplyAdvanced")
+    if ap is not None:
+        import nodes as comfy_nodes
+
+        pose = ctx.loaded_file(ap, "image")
+        assert pose is not None
+        for slot in (0, 1):
+            c = ctx.run.output(ap, slot)[0][1]["control"]
+            assert c.strength == pytest.approx(float(P[ap]["inputs"]["strength"]))
+            hint = c.cond_hint_original.float().cpu()
+            np.testing.assert_allclose(hint[0].permute(1, 2, 0).numpy(), pose["rgb"] / 255.0, atol=1e-6)
+        # without the ControlNet (same model, noise and sampler settings) the result differs
+        inp = P[ks]["inputs"]
+        plain = comfy_nodes.KSamplerAdvanced().sample(
+            ctx.run.output(gcm), "disable", int(inp["noise_seed"]), steps, float(inp["cfg"]), inp["sampler_name"],
+            inp["scheduler"], ctx.upstream(ap, "positive"), ctx.upstream(ap, "negative"),
+            ctx.run.output(noise_id, 1), int(inp["start_at_step"]), int(inp["end_at_step"]),
+            inp["return_with_leftover_noise"])[0]["samples"].float().cpu()
+        assert float((plain - out).abs().max()) > 1e-2, "the ControlNet changed nothing"
+
+
 SPECS: dict[str, Spec] = {
     "greenpost_key_photo.json": Spec(check=_greenpost_check),
     "alpha_tools.json": Spec(),
     "trimap_matting.json": Spec(setup=_trimap_inputs, check=_trimap_check),
     "drip_matting.json": Spec(setup=_drip_inputs, check=_drip_check),
+    "green_canvas_sd15.json": Spec(setup=_green_canvas_setup("sd15"), check=_green_canvas_check,
+                                   output_hw=(GC_PX, GC_PX), overrides=GC_OVERRIDES),
+    "green_canvas_lora_controlnet.json": Spec(setup=_green_canvas_setup("sd15", lora=True, controlnet=True),
+                                              check=_green_canvas_check, output_hw=(GC_PX, GC_PX),
+                                              overrides=GC_OVERRIDES),
+    "green_canvas_sdxl.json": Spec(setup=_green_canvas_setup("sdxl"), check=_green_canvas_check,
+                                   output_hw=(GC_PX, GC_PX), overrides=GC_OVERRIDES),
 }
 
 
@@ -444,30 +682,59 @@ def _check_image_outputs(ctx: WorkflowContext, spec: Spec) -> int:
     return checked
 
 
-@pytest.mark.parametrize("path", WORKFLOWS, ids=[p.name for p in WORKFLOWS])
-def test_workflow_runs_in_comfyui(comfy_pack, path):
-    workflow = json.loads(path.read_text(encoding="utf-8"))
-    spec = SPECS.get(path.name, Spec())
-    ctx = WorkflowContext(env=comfy_pack, name=path.name, workflow=workflow)
+def run_workflow(env: harness.ComfyEnv, name: str, workflow: dict, spec: Spec) -> WorkflowContext:
+    """Set up, convert, validate, execute and check one UI-format workflow (see the module docstring)."""
+    ctx = WorkflowContext(env=env, name=name, workflow=workflow)
     if spec.setup is not None:
         spec.setup(ctx)
     ctx.prompt = harness.ui_to_api(workflow)  # strict: widgets_values must line up with the node schemas
+    apply_overrides(ctx.prompt, spec.overrides)
     for filename in harness.upload_files(ctx.prompt):  # LoadImage & co: images the hook did not write
         if filename not in ctx.inputs:
             default_input(ctx, filename)
     errors = harness.validate(ctx.prompt)
     hint = ("\n(a model file missing? write it from a setup hook in SPECS, tests/comfy/test_workflows.py)"
             if any(e["type"] == "value_not_in_list" for e in errors) else "")
-    assert not errors, f"{path.name} does not validate in ComfyUI:\n{harness.format_errors(errors)}{hint}"
+    assert not errors, f"{name} does not validate in ComfyUI:\n{harness.format_errors(errors)}{hint}"
     # execute every output node, plus every pack node so its checks can read its outputs
     checked_nodes = [nid for nid, n in ctx.prompt.items() if n["class_type"] in NODE_CHECKS]
     ctx.run = harness.execute(ctx.prompt, capture=checked_nodes)
     ctx.run.raise_for_error()
 
     n_images = _check_image_outputs(ctx, spec)
-    assert n_images > 0 or spec.check is not None, f"{path.name} wrote no images"
+    assert n_images > 0 or spec.check is not None, f"{name} wrote no images"
     for nid in checked_nodes:
         NODE_CHECKS[ctx.prompt[nid]["class_type"]](ctx, nid)
     if spec.check is not None:
         spec.check(ctx)
+    return ctx
 
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=[p.name for p in WORKFLOWS])
+def test_workflow_runs_in_comfyui(comfy_pack, path):
+    workflow = json.loads(path.read_text(encoding="utf-8"))
+    run_workflow(comfy_pack, path.name, workflow, SPECS.get(path.name, Spec()))
+
+
+def test_green_canvas_with_matting_head(comfy_pack):
+    """The green-canvas workflow's optional Load Matting Head, enabled the way its note says (un-bypass):
+    VAE Decode with Matte then takes the head's matte (checked against the head run on the decoder's
+    norm_out input, captured with a hook) and GreenPost uses it as the coarse mask."""
+    name = "green_canvas_sd15.json"
+    workflow = json.loads((REPO / "workflows" / name).read_text(encoding="utf-8"))
+    (head,) = [n for n in workflow["nodes"] if n["type"] == "DM_MattingHeadLoader"]
+    assert head["mode"] == 4, "the head loader ships bypassed (the workflow runs without a head file)"
+    head["mode"] = 0
+    setup = _green_canvas_setup("sd15")
+
+    def setup_with_head(ctx):
+        from diffusion_matting.py.matting_head import MattingHead, MattingHeadConfig, save_matting_head
+
+        setup(ctx)
+        torch.manual_seed(7)
+        save_matting_head(harness.model_path("matting_heads", head["widgets_values"][0]),
+                          MattingHead(MattingHeadConfig(in_channels=128, hidden=8)), vae_family="sd1")
+        harness.refresh_file_lists()
+
+    spec = Spec(setup=setup_with_head, check=_green_canvas_check, output_hw=(GC_PX, GC_PX), overrides=GC_OVERRIDES)
+    run_workflow(comfy_pack, name, workflow, spec)
