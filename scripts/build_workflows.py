@@ -25,9 +25,8 @@ _WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 MODE_BYPASS = 4  # the front end's "bypass" (Ctrl+B): not executed, links pass through or drop
 
 
-def pack_widgets(node_id: str, values: dict) -> list:
-    """``widgets_values`` of a pack node: its schema's widget inputs (required, then optional) in order,
-    each from ``values`` or the schema default. Needs ComfyUI importable (``COMFYUI_PATH``)."""
+def _input_types(node_id: str) -> dict:
+    """``INPUT_TYPES()`` of a pack node. Needs ComfyUI importable (``COMFYUI_PATH``)."""
     if os.environ.get("COMFYUI_PATH") and os.environ["COMFYUI_PATH"] not in sys.path:
         sys.path.insert(0, os.environ["COMFYUI_PATH"])
     from comfy.cli_args import args
@@ -35,8 +34,23 @@ def pack_widgets(node_id: str, values: dict) -> list:
     args.cpu = True  # only the schemas are needed: never touch a GPU
     from diffusion_matting.nodes import all_nodes
 
-    cls = {c.GET_SCHEMA().node_id: c for c in all_nodes()}[node_id]
-    spec = cls.INPUT_TYPES()
+    return {c.GET_SCHEMA().node_id: c for c in all_nodes()}[node_id].INPUT_TYPES()
+
+
+def socket_only_inputs(node_id: str) -> set[str]:
+    """Inputs of a pack node that are sockets although their type could be a widget (V3
+    ``force_input=True``, i.e. ``forceInput`` in ``INPUT_TYPES``): they have no widget and no value in
+    ``widgets_values``."""
+    spec = _input_types(node_id)
+    return {name for group in ("required", "optional") for name, (_typ, *rest) in spec.get(group, {}).items()
+            if rest and (rest[0].get("forceInput") or rest[0].get("force_input"))}
+
+
+def pack_widgets(node_id: str, values: dict) -> list:
+    """``widgets_values`` of a pack node: its schema's widget inputs (required, then optional; socket-only
+    ``forceInput`` ones skipped) in order, each from ``values`` or the schema default. Needs ComfyUI
+    importable (``COMFYUI_PATH``)."""
+    spec = _input_types(node_id)
     out, seen = [], set()
     for group in ("required", "optional"):
         for name, (typ, *rest) in spec.get(group, {}).items():
@@ -44,6 +58,8 @@ def pack_widgets(node_id: str, values: dict) -> list:
             combo = isinstance(typ, list) or typ == "COMBO"
             if not combo and typ not in _WIDGET_TYPES:
                 continue
+            if opts.get("forceInput") or opts.get("force_input"):
+                continue  # a socket, not a widget
             if name in values:
                 out.append(values[name])
             elif "default" in opts:
@@ -81,14 +97,18 @@ class Graph:
 
         An input of a widget type (STRING, INT, FLOAT, BOOLEAN, COMBO) is a widget fed by a link (the
         widget keeps its value in ``widgets_values``); like the front end, such inputs follow the
-        socket inputs. ``mode``: 0 = normal, 4 = bypassed (e.g. an optional loader the user enables).
+        socket inputs. With ``widgets`` given by name (a pack node), the schema's socket-only inputs
+        (``force_input``) get no ``widget`` entry. ``mode``: 0 = normal, 4 = bypassed (e.g. an optional
+        loader the user enables).
         ``col``: layout column (default: one right of the node's deepest input), e.g. to put a loader
         next to the node it feeds."""
         nid = len(self.nodes) + 1
         if col is not None:
             self.cols[nid] = col
+        sockets: set[str] = set()
         if isinstance(widgets, dict):
             widgets = pack_widgets(type_, widgets)
+            sockets = socket_only_inputs(type_)
         node = {
             "id": nid, "type": type_, "pos": [0, 0], "size": list(size), "flags": {}, "order": nid - 1,
             "mode": mode, "inputs": [], "outputs": [],
@@ -98,12 +118,12 @@ class Graph:
             node["title"] = title
         for name, typ in outputs or []:
             node["outputs"].append({"name": name, "type": typ, "links": []})
-        items = sorted((inputs or {}).items(), key=lambda kv: kv[1][0] in _WIDGET_TYPES)  # stable
+        items = sorted((inputs or {}).items(), key=lambda kv: kv[1][0] in _WIDGET_TYPES and kv[0] not in sockets)
         for name, (typ, (src, slot)) in items:
             lid = len(self.links) + 1
             self.links.append([lid, src, slot, nid, len(node["inputs"]), typ])
             entry = {"name": name, "type": typ, "link": lid}
-            if typ in _WIDGET_TYPES:
+            if typ in _WIDGET_TYPES and name not in sockets:
                 entry = {"name": name, "type": typ, "widget": {"name": name}, "link": lid}
             node["inputs"].append(entry)
             self.nodes[src - 1]["outputs"][slot]["links"].append(lid)
@@ -226,6 +246,41 @@ def greenpost_key_photo() -> Graph:
     return g
 
 
+# ---- GreenPost + BackgroundMattingV2 (the paper's learned refinement; public weights) ----------------------
+BMV2_FILE = "pytorch_mobilenetv2.pth"  # the authors' public file name (PeterL1n/BackgroundMattingV2, MIT)
+BMV2_NOTE = "\n\n".join([
+    f"BackgroundMattingV2 weights: models/background_matting/{BMV2_FILE} (or pytorch_resnet50.pth / "
+    "pytorch_resnet101.pth), the authors' PyTorch files from github.com/PeterL1n/BackgroundMattingV2 (MIT). "
+    "They are loaded tensors-only (torch.load(weights_only=True)); `diffusion-matting convert bmv2 IN.pth "
+    "OUT.safetensors` makes a .safetensors copy.",
+    "GreenPost finds the key colour and estimates the clean plate; the network takes the photo and that plate "
+    "and returns the alpha and straight foreground. Disconnect the refiner input for plain (training-free) "
+    "GreenPost.",
+])
+
+
+def greenpost_bmv2() -> Graph:
+    """Green-screen photo -> Load BackgroundMattingV2 -> GreenPost (refiner) -> RGBA PNG, checkerboard preview,
+    clean plate."""
+    g = Graph("Key a green-screen photo with GreenPost + BackgroundMattingV2")
+    g.note(BMV2_NOTE, title="BackgroundMattingV2 weights", size=(400, 260))
+    load = g.node("LoadImage", ["dm_greenscreen.png", "image"], outputs=[("IMAGE", "IMAGE"), ("MASK", "MASK")],
+                  title="Green-screen photo", size=(380, 320))
+    bm = g.node("DM_BackgroundMattingLoader", [BMV2_FILE, "auto", "sampling", 0, 0.1],
+                outputs=[("refiner", "DM_BMV2")], title="Load BackgroundMattingV2 (models/background_matting)",
+                size=(380, 200))
+    gp = g.node("DM_GreenPost", {},
+                {"image": ("IMAGE", (load, 0)), "refiner": ("DM_BMV2", (bm, 0))},
+                [("foreground", "IMAGE"), ("alpha", "MASK"), ("rgba", "IMAGE"), ("clean_plate", "IMAGE"),
+                 ("key", "STRING")], size=(380, 330))
+    g.node("SaveImage", ["dm_greenpost_bmv2"], {"images": ("IMAGE", (gp, 2))}, size=(380, 300))
+    prev = g.node("DM_AlphaPreview", {"mode": "checkerboard"},
+                  {"foreground": ("IMAGE", (gp, 0)), "alpha": ("MASK", (gp, 1))}, [("preview", "IMAGE")])
+    g.node("PreviewImage", [], {"images": ("IMAGE", (prev, 0))}, size=(380, 300))
+    g.node("PreviewImage", [], {"images": ("IMAGE", (gp, 3))}, title="Clean plate", size=(380, 300))
+    return g
+
+
 # ---- green-canvas generation (DiffuMatting without its weights) ----------------------------------------
 # Public file names (README: "Workflows"); tests/comfy/test_workflows.py writes random-weight models
 # under exactly these names.
@@ -336,11 +391,76 @@ def green_canvas_sdxl() -> Graph:
     return green_canvas("sdxl")
 
 
+# ---- matting-data factory (Save Matting Sample; driven by `diffusion-matting factory`) ----------------------
+# Green-canvas SD1.5 generation (Green Canvas Sample, all-in-one) -> VAE Decode with Matte (optional matting
+# head, bypassed; GreenPost fallback) -> GreenPost with the decode's matte as coarse mask -> Save Matting
+# Sample (composite, alpha, straight foreground, caption = the prompt with the canvas phrase). The prompt
+# comes from a String (Multiline) node titled ``prompt`` and the seed from an Int node titled ``seed``:
+# ``diffusion-matting factory`` writes each job's prompt and seed there; in the front end, queue it with a
+# batch count and edit the prompt between runs.
+FACTORY_PROMPT = "a portrait photo of a woman with long curly hair, studio light, sharp focus"
+PROMPT_TITLE = "prompt"  # diffusion-matting factory --prompt-title (default)
+SEED_TITLE = "seed"      # diffusion-matting factory --seed-title (default)
+DATASET_SUBFOLDER = "green_matting"
+
+FACTORY_NOTE = "\n\n".join([
+    f"Checkpoint: models/checkpoints/{CHECKPOINTS['sd15']} (any SD1.5 checkpoint works).",
+    f"Optional: a matting head in models/matting_heads/ ({MATTING_HEADS['sd15']}); select the bypassed Load "
+    "Matting Head node and press Ctrl+B. Without it, VAE Decode with Matte keys the image with GreenPost.",
+    f"Each run writes output/{DATASET_SUBFOLDER}/image|alpha|fg|captions/<name> and a manifest.jsonl line per "
+    "sample (names never reused). Queue with a batch count here, or drive one or more servers with:",
+    "diffusion-matting factory --server http://127.0.0.1:8188 --workflow matting_data_factory.json "
+    "--prompts prompts.txt --count 1000 --out dataset/",
+    f"The factory writes each prompt into the node titled '{PROMPT_TITLE}' and each seed into the node titled "
+    f"'{SEED_TITLE}'. Green Canvas Sample appends ', pure green background'; that text is the caption.",
+])
+
+
+def matting_data_factory() -> Graph:
+    """Green-canvas SD1.5 -> VAE Decode with Matte -> GreenPost -> Save Matting Sample, prompt/seed nodes
+    titled for ``diffusion-matting factory``."""
+    g = Graph("Matting-data factory: green-canvas SD1.5 -> VAE Decode with Matte -> GreenPost -> Save Matting Sample")
+    g.note(FACTORY_NOTE, title="Matting-data factory", size=(420, 360))
+    ckpt = g.node("CheckpointLoaderSimple", [CHECKPOINTS["sd15"]],
+                  outputs=[("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")], title="Load Checkpoint (SD1.5)",
+                  size=(380, 120))
+    prompt = g.node("PrimitiveStringMultiline", [FACTORY_PROMPT], outputs=[("STRING", "STRING")], title=PROMPT_TITLE,
+                    size=(400, 160))
+    seed = g.node("PrimitiveInt", [0, "randomize"], outputs=[("INT", "INT")], title=SEED_TITLE, size=(320, 110))
+    size = SIZES["sd15"]
+    sample = g.node("DM_GreenCanvasSample",
+                    {"negative_prompt": GC_NEGATIVE, "width": size, "height": size, "steps": 25, "cfg": 6.0,
+                     "seed:control": "fixed"},
+                    {"model": ("MODEL", (ckpt, 0)), "clip": ("CLIP", (ckpt, 1)), "vae": ("VAE", (ckpt, 2)),
+                     "prompt": ("STRING", (prompt, 0)), "seed": ("INT", (seed, 0))},
+                    [("latent", "LATENT"), ("coarse_alpha", "MASK"), ("background_mask", "MASK"), ("prompt", "STRING")],
+                    size=(400, 620))
+    head = g.node("DM_MattingHeadLoader", [MATTING_HEADS["sd15"]], outputs=[("matting_head", "DM_MATTING_HEAD")],
+                  title="Load Matting Head (optional: bypassed)", size=(380, 90), mode=MODE_BYPASS)
+    dec = g.node("DM_VAEDecodeWithMatte", {}, {"samples": ("LATENT", (sample, 0)), "vae": ("VAE", (ckpt, 2)),
+                                              "matting_head": ("DM_MATTING_HEAD", (head, 0))},
+                 [("image", "IMAGE"), ("alpha", "MASK"), ("mask_source", "STRING")], size=(380, 150))
+    gp = g.node("DM_GreenPost", {"mask_convention": ALPHA},
+                {"image": ("IMAGE", (dec, 0)), "coarse_mask": ("MASK", (dec, 1))},
+                [("foreground", "IMAGE"), ("alpha", "MASK"), ("rgba", "IMAGE"), ("clean_plate", "IMAGE"),
+                 ("key", "STRING")], size=(380, 330))
+    # caption / prompt / seed are socket-only (force_input): no widget, no entry in widgets_values
+    g.node("DM_SaveMattingSample", {"subfolder": DATASET_SUBFOLDER, "prefix": "gen", "mask_convention": ALPHA},
+           {"image": ("IMAGE", (dec, 0)), "alpha": ("MASK", (gp, 1)), "foreground": ("IMAGE", (gp, 0)),
+            "caption": ("STRING", (sample, 3)), "prompt": ("STRING", (prompt, 0)), "seed": ("INT", (seed, 0))},
+           title="Save Matting Sample", size=(380, 230))
+    prev = g.node("DM_AlphaPreview", {"mode": "checkerboard"},
+                  {"foreground": ("IMAGE", (gp, 0)), "alpha": ("MASK", (gp, 1))}, [("preview", "IMAGE")])
+    g.node("PreviewImage", [], {"images": ("IMAGE", (prev, 0))}, title="Cut-out on a checkerboard", size=(380, 320))
+    return g
+
+
 # Add a workflow: write a builder returning a Graph and list it here (file name = key); give it a Spec in
 # tests/comfy/test_workflows.py if it needs model files or inputs of its own.
 BUILDERS = {"alpha_tools": alpha_tools, "trimap_matting": trimap_matting, "greenpost_key_photo": greenpost_key_photo,
             "drip_matting": drip_matting, "green_canvas_sd15": green_canvas_sd15,
-            "green_canvas_lora_controlnet": green_canvas_lora_controlnet, "green_canvas_sdxl": green_canvas_sdxl}
+            "green_canvas_lora_controlnet": green_canvas_lora_controlnet, "green_canvas_sdxl": green_canvas_sdxl,
+            "greenpost_bmv2": greenpost_bmv2, "matting_data_factory": matting_data_factory}
 
 
 def main() -> None:

@@ -9,7 +9,8 @@ Nothing here is imported by the pack. Two kinds of builders (ComfyUI must be boo
   :func:`build_controlnet`, :func:`write_lora` (a LoRA for a model object).
 * **Model files under the public names** (workflow tests: CheckpointLoaderSimple, LoraLoader,
   ControlNetLoader read them): :func:`write_checkpoint`, :func:`write_lora_file`,
-  :func:`write_controlnet`. ComfyUI detects a checkpoint's family from its UNet keys
+  :func:`write_controlnet` (and :func:`write_bmv2`: a BackgroundMattingV2 ``.pth``, not SD). ComfyUI
+  detects a checkpoint's family from its UNet keys
   (``model_detection.detect_unet_config`` + ``supported_models.*.unet_config``): SD1.5 needs 320 base
   channels, 768-wide cross-attention, conv proj_in and no ADM; SDXL needs 320 channels, 2048-wide
   cross-attention, linear proj_in, the 2816-wide ADM and input transformer depths [0,0,2,2,10,10]. Those are
@@ -306,3 +307,34 @@ def write_controlnet(name: str, family: str = "sd15", seed: int = 20) -> Path:
         if ("zero_convs" in k or "middle_block_out" in k or "input_hint_block.14" in k) and k.endswith("weight"):
             sd[k] = torch.randn(v.shape, generator=g) * 0.05
     return _save(harness.model_path("controlnet", name), {"control_model." + k: v for k, v in sd.items()})
+
+
+# ---- BackgroundMattingV2 (GreenPost's optional refiner) -------------------------------------------------
+
+def write_bmv2(name: str, backbone: str = "mobilenetv2", seed: int = 0) -> Path:
+    """A random-weight BackgroundMattingV2 ``MattingRefine`` as a plain ``.pth`` state dict (the layout of
+    the authors' ``pytorch_<backbone>.pth``: ``torch.save(model.state_dict())``) in models/background_matting.
+
+    BatchNorm statistics and scales are positive (running_var, weights in [0.5, 1.5]), biases and running
+    means small, kernels N(0, 2/fan_in); the alpha channel of the decoder's and the refiner's last conv gets
+    a bias of 0.5, so the random network's alpha is unsaturated (neither all 0 nor all 1)."""
+    from diffusion_matting.py import background_matting as BM
+
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for k, v in BM.build_bmv2(backbone).state_dict().items():
+        if not v.is_floating_point():
+            sd[k] = v.clone()
+        elif k.endswith("running_var") or (v.ndim == 1 and k.endswith("weight")):
+            sd[k] = torch.rand(v.shape, generator=g) + 0.5
+        elif k.endswith(("running_mean", "bias")):
+            sd[k] = torch.randn(v.shape, generator=g) * 0.1
+        else:
+            sd[k] = torch.randn(v.shape, generator=g) * math.sqrt(2.0 / max(1, v[0].numel()))
+    for k in ("decoder.conv4.bias", "refiner.conv4.bias"):
+        sd[k][0] = 0.5
+    path = harness.model_path("background_matting", name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(sd, path)
+    harness.refresh_file_lists()
+    return path

@@ -510,6 +510,125 @@ def _green_canvas_check_impl(ctx: WorkflowContext) -> None:
         assert float((plain - out).abs().max()) > 1e-2, "the ControlNet changed nothing"
 
 
+# ---- GreenPost + BackgroundMattingV2: a random-weight MobileNetV2 MattingRefine under the public name ------
+BMV2_FILE = "pytorch_mobilenetv2.pth"  # the authors' public file name (the workflow's loader widget)
+
+
+def _bmv2_setup(ctx: WorkflowContext) -> None:
+    import models
+
+    models.write_bmv2(BMV2_FILE, "mobilenetv2", seed=0)
+
+
+def _bmv2_check(ctx: WorkflowContext) -> None:
+    with torch.inference_mode():  # the run's tensors are inference tensors
+        _bmv2_check_impl(ctx)
+
+
+def _bmv2_check_impl(ctx: WorkflowContext) -> None:
+    from diffusion_matting.py import background_matting as BM
+    from diffusion_matting.py.greenpost import color_hex
+
+    greenpost = sys.modules[ctx.env.node_class_mappings["DM_GreenPost"].__module__].greenpost
+    P = ctx.prompt
+    (loader,) = harness.nodes_of(P, "DM_BackgroundMattingLoader")
+    (gp,) = harness.nodes_of(P, "DM_GreenPost")
+    assert P[loader]["inputs"]["model_name"] == BMV2_FILE and tuple(harness.upstream(P, gp, "refiner")) == (loader, 0)
+    ref = ctx.run.output(loader)
+    assert ref.model.backbone_name == "mobilenetv2" and type(ref.model).__name__ == "MattingRefine"
+    # the loader read the .pth we wrote, tensors only, every weight as written
+    model = BM.load_bmv2(harness.model_path("background_matting", BMV2_FILE))
+    want_sd, got_sd = model.state_dict(), ref.model.state_dict()
+    assert set(got_sd) == set(want_sd) and all(torch.equal(got_sd[k].cpu(), want_sd[k]) for k in want_sd)
+
+    image = ctx.upstream(gp, "image").float().cpu()
+    assert ctx.loaded_file(gp, "image") is ctx.inputs["dm_greenscreen.png"]
+    fg, alpha, rgba, plate = (ctx.run.output(gp, i).float().cpu() for i in range(4))
+    key = ctx.run.output(gp, 4)
+    # GreenPost (training-free) finds the key and the plate; the network turns image + plate into alpha/fg
+    res = greenpost(image)
+    inp = P[loader]["inputs"]
+    scales = {"auto": None, "1/2": 0.5, "1/4": 0.25, "1/8": 0.125}
+    e_alpha, e_fg = BM.refine_with_bmv2(model, image, res.plate, backbone_scale=scales[inp["backbone_scale"]],
+                                        refine_mode=inp["refine_mode"], sample_pixels=int(inp["sample_pixels"]) or None,
+                                        threshold=float(inp["threshold"]))
+    h, w = INPUT_HW
+    assert alpha.shape == (1, h, w) and fg.shape == (1, h, w, 3)
+    np.testing.assert_allclose(_np(plate), _np(res.plate), atol=1e-6)
+    assert key == color_hex(res.key_color[0].tolist()), (key, res.key_color)
+    np.testing.assert_allclose(_np(alpha), _np(e_alpha), atol=1e-5)
+    np.testing.assert_allclose(_np(fg), _np(e_fg), atol=1e-5)
+    np.testing.assert_array_equal(_np(rgba[..., 3]), _np(alpha))
+    np.testing.assert_array_equal(_np(rgba[..., :3]), _np(fg))
+    assert float((alpha - res.alpha.float().cpu()).abs().mean()) > 1e-2, "the refiner left GreenPost's matte"
+    # the RGBA PNG on disk carries the network's alpha (8 bit)
+    (save,) = harness.nodes_of(P, "SaveImage")
+    (png,) = ctx.run.files(save)
+    arr = np.asarray(Image.open(png))
+    assert arr.shape == (h, w, 4)
+    np.testing.assert_allclose(arr[..., 3] / 255.0, _np(alpha)[0], atol=1 / 255 + 1e-6)
+
+
+# ---- matting-data factory: green canvas (random SD1.5) -> GreenPost -> Save Matting Sample ---------------
+# key colour: the random checkpoints' VAE decodes the canvas to key green (models.local_vae_state), but the
+# random image's backdrop is too uneven for GreenPost's K-Means to call a screen; keyed with that colour given
+FACTORY_OVERRIDES = {"DM_GreenCanvasSample": {"width": GC_PX, "height": GC_PX, "steps": GC_STEPS},
+                     "DM_GreenPost": {"key_color_mode": "override", "key_color": "#1ae61a"}}
+
+
+def _factory_setup(ctx: WorkflowContext) -> None:
+    import models
+
+    models.write_checkpoint(*GC_FILES["sd15"], family="sd15")  # once per session (same name, same weights)
+    harness.refresh_file_lists()
+
+
+def _factory_check(ctx: WorkflowContext) -> None:
+    with torch.inference_mode():  # the run's tensors are inference tensors
+        _factory_check_impl(ctx)
+
+
+def _factory_check_impl(ctx: WorkflowContext) -> None:
+    from diffusion_matting.py import matting_dataset as D
+
+    P = ctx.prompt
+    (save,) = harness.nodes_of(P, "DM_SaveMattingSample")
+    (sample,) = harness.nodes_of(P, "DM_GreenCanvasSample")
+    inp = P[save]["inputs"]
+    assert not _is_comfy_mask(inp["mask_convention"])  # GreenPost's alpha goes in as alpha (1 = foreground)
+    root = ctx.env.output_dir / inp["subfolder"]
+    (entry,) = ctx.run.outputs[save]["matting_samples"]  # batch of 1
+    manifest = {e["name"]: e for e in D.read_manifest(root)}
+    assert manifest[entry["name"]] == {k: v for k, v in entry.items() if k != "subfolder"}
+    assert D.verify(root, [manifest[entry["name"]]]) == []  # files present, sha256 and sizes as listed
+    assert entry["name"].startswith(inp["prefix"] + "_") and (entry["width"], entry["height"]) == (GC_PX, GC_PX)
+    files = {k: root / rel for k, rel in entry["files"].items()}
+    assert set(files) == {"image", "alpha", "fg", "caption"}
+    for kind, (folder, suffix) in D.KINDS.items():
+        assert files[kind] == root / folder / (entry["name"] + suffix) and files[kind].is_file()
+
+    # pixels: the tensors fed to the node, 8 bit (alpha: 1 = foreground, as GreenPost output it)
+    u8 = lambda x: np.floor(np.clip(_np(x), 0, 1) * 255 + 0.5).astype(np.uint8)  # noqa: E731
+    for kind, src in (("image", "image"), ("fg", "foreground"), ("alpha", "alpha")):
+        im = Image.open(files[kind])
+        assert im.mode == ("L" if kind == "alpha" else "RGB"), (kind, im.mode)
+        np.testing.assert_array_equal(np.asarray(im), u8(ctx.upstream(save, src))[0], err_msg=kind)
+    a8 = np.asarray(Image.open(files["alpha"]))
+    assert (a8 == 0).mean() > 0.05 and (a8 > 127).mean() > 0.05, "GreenPost's matte is trivial"
+    (gp,) = harness.nodes_of(P, "DM_GreenPost")
+    assert tuple(harness.upstream(P, save, "alpha")) == (gp, 1)
+    assert tuple(harness.upstream(P, save, "foreground")) == (gp, 0)
+
+    # caption = Green Canvas Sample's prompt output (the prompt node's text + the canvas phrase);
+    # the manifest records the prompt node's text and the seed node's value
+    caption = ctx.run.output(sample, 3)
+    text = ctx.upstream(sample, "prompt")
+    assert caption.startswith(text) and caption.rstrip().endswith("pure green background"), caption
+    assert files["caption"].read_text(encoding="utf-8") == caption
+    assert entry["caption"] == caption and entry["prompt"] == text == ctx.upstream(save, "prompt")
+    assert entry["seed"] == ctx.upstream(save, "seed") == ctx.upstream(sample, "seed")
+
+
 SPECS: dict[str, Spec] = {
     "greenpost_key_photo.json": Spec(check=_greenpost_check),
     "alpha_tools.json": Spec(),
@@ -522,6 +641,9 @@ SPECS: dict[str, Spec] = {
                                               overrides=GC_OVERRIDES),
     "green_canvas_sdxl.json": Spec(setup=_green_canvas_setup("sdxl"), check=_green_canvas_check,
                                    output_hw=(GC_PX, GC_PX), overrides=GC_OVERRIDES),
+    "greenpost_bmv2.json": Spec(setup=_bmv2_setup, check=_bmv2_check),
+    "matting_data_factory.json": Spec(setup=_factory_setup, check=_factory_check, output_hw=(GC_PX, GC_PX),
+                                      overrides=FACTORY_OVERRIDES),
 }
 
 
@@ -595,17 +717,24 @@ def _check_preview(ctx, nid):
     inputs = ctx.prompt[nid]["inputs"]
     if inputs.get("mode") != "checkerboard":
         return
-    # reconstruct the backdrop from fully transparent pixels: a grey checker of `square` px cells
+    # reconstruct the backdrop from mostly transparent pixels (out = a*F + (1-a)*bg solved for bg; exact
+    # where alpha is 0): a grey checker of `square` px cells
     s = int(inputs["square"])
     h, w = a.shape[1:]
     parity = ((np.arange(h)[:, None] // s) + (np.arange(w)[None] // s)) % 2
-    clear = a[0] == 0
+    clear = a[0] < 0.5
+    if not clear.any():  # nothing transparent (e.g. a keyer that found no screen): opaque pixels show F itself
+        opaque = a == 1
+        assert opaque.any(), "test image needs opaque or mostly transparent pixels"
+        np.testing.assert_allclose(out[opaque], rgb[opaque], atol=1e-6, err_msg="opaque preview pixel != F")
+        return
+    bg_est = (out[0] - a[0][..., None] * rgb[0]) / (1 - a[0][..., None]).clip(0.5, 1)
     levels = []
     for p in (0, 1):
-        px = out[0][clear & (parity == p)]
-        assert len(px), "test image needs transparent pixels in both checker cells"
-        assert np.ptp(px, axis=0).max() < 1e-6 and np.ptp(px[0]) < 1e-6, "checker cell must be one grey"
-        levels.append(float(px[0, 0]))
+        px = bg_est[clear & (parity == p)]
+        assert len(px), "test image needs mostly transparent pixels in both checker cells"
+        assert np.ptp(px, axis=0).max() < 1e-4 and np.ptp(px[0]) < 1e-4, "checker cell must be one grey"
+        levels.append(float(np.median(px)))
     assert abs(levels[0] - levels[1]) > 0.05, f"checker levels {levels} indistinguishable"
     bg = np.where(parity == 0, levels[0], levels[1])[None, ..., None]
     expect = np.clip(a[..., None] * rgb + (1 - a[..., None]) * bg, 0, 1)
@@ -649,6 +778,9 @@ def _check_premultiply(ctx, nid):
 
 # ---- the test ------------------------------------------------------------------------------------------
 
+IMAGE_INPUT = {"DM_SaveMattingSample": "image"}  # output nodes whose reported images come from another input
+
+
 def _check_image_outputs(ctx: WorkflowContext, spec: Spec) -> int:
     """Saved / previewed PNGs exist and equal the tensors fed to them; returns how many were checked."""
     expected_hw = spec.output_hw
@@ -661,13 +793,13 @@ def _check_image_outputs(ctx: WorkflowContext, spec: Spec) -> int:
         if not files:
             continue
         cls = ctx.prompt[nid]["class_type"]
-        src = ctx.upstream(nid, "images")
+        src = ctx.upstream(nid, IMAGE_INPUT.get(cls, "images"))
         assert src is not None, f"{cls} {nid} saved images but has no `images` input"
         src = _np(src)
         assert len(files) == src.shape[0], f"{cls} {nid}: {len(files)} files for a batch of {src.shape[0]}"
         for f, t in zip(files, src):
             assert f.is_file(), f
-            base = ctx.env.output_dir if cls == "SaveImage" else ctx.env.temp_dir
+            base = ctx.env.output_dir if cls in ("SaveImage", "DM_SaveMattingSample") else ctx.env.temp_dir
             assert base in f.parents, f"{cls} wrote {f} outside {base}"
             im = Image.open(f)
             want_mode = {3: "RGB", 4: "RGBA", 1: "L"}[t.shape[-1]]
