@@ -557,6 +557,9 @@ class Factory:
         self.state = self._load_state()
         if D.repair_manifest(self.out):
             self.log("manifest: dropped a line cut short by an interruption")
+        stale = D.remove_stale_temp_files(self.out)  # safe: we hold the folder lock
+        if stale:
+            self.log(f"removed {stale} temporary file(s) left by an interrupted write")
         done = self.done_jobs()
         todo = [j for j in range(self.count) if j not in done]
         if not todo:

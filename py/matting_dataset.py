@@ -143,6 +143,20 @@ def write_atomic(path: str | os.PathLike, data: bytes, fsync: bool = True) -> No
             tmp.unlink(missing_ok=True)
 
 
+def remove_stale_temp_files(root: str | os.PathLike) -> int:
+    """Delete temporary files (``.<name>.<pid>.<ns>.tmp`` from :func:`write_atomic`) left in ``root``'s
+    sample folders by a writer that was killed mid-write. Only call it while no other writer uses
+    ``root`` (the factory holds its folder lock). Returns how many were removed."""
+    removed = 0
+    for d, _ in KINDS.values():
+        folder = Path(root) / d
+        if folder.is_dir():
+            for tmp in folder.glob(".*.tmp"):
+                tmp.unlink(missing_ok=True)
+                removed += 1
+    return removed
+
+
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 

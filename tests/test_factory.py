@@ -510,9 +510,12 @@ def test_resume_after_kill_loses_and_duplicates_nothing(fake, tmp_path, monkeypa
     assert len(D.read_manifest(out)) == 3
     with open(out / D.MANIFEST, "ab") as f:
         f.write(b'{"job": 99, "na')  # plus a line cut short
+    stale = out / "image" / ".sample_000003_00.png.12345.678.tmp"  # and a write cut short
+    stale.write_bytes(b"half a png")
     state = json.loads((out / F.STATE_FILE).read_text())
     res = _factory([s], out, 7, prompts).run()
     _check_dataset(out, 7, prompts)
+    assert not stale.exists()
     assert json.loads((out / F.STATE_FILE).read_text()) == state
     # the killed job was found finished on the server: downloaded, not queued again
     assert len(s.submitted) == 7 and len(set(s.submitted)) == 7 and len(s.executed) == 7
