@@ -4,7 +4,9 @@ After DiffuMatting (ECCV 2024, sec. 3.5, "GreenPost"): a coarse mask (optional) 
 K-Means finds the backdrop colour, a clean background plate is built, and known-background matting gives
 a matting-level alpha. The paper used BackgroundMattingV2 for the last step (weights unavailable); here a
 closed-form estimator against the plate replaces it: no weights, a 4K frame in about half a second of one
-CPU core. Everything is torch (float32), so it runs on the caller's device.
+CPU core. The full-resolution passes are torch (float32), so they run on the caller's device; the
+low-resolution stages (key colour, plate, ``F_l``, noise level: maps of at most ~160 px) run in numpy on
+the CPU, where a chain of a few hundred tiny ops costs less than torch's per-op dispatch (or GPU launches).
 
 Model
 -----
@@ -50,7 +52,8 @@ full-resolution guide (the edges come from the guide, so nothing is lost; a quar
 Plate (<= ``plate_size`` px): backdrop pixels keep the screen's *chromaticity* ``X / (R + G + B)`` however
 lit (uneven light, vignetting), while mixing in any non-black subject moves it. The screen chromaticity
 is found by mode seeking (medians within a shrinking radius, from the K-Means centre to the densest
-chromaticity) with a tolerance of 3x the median distance (it follows the noise), then a quadratic
+chromaticity, over a sample of the pixels near the K-Means centre, so that a small bare screen still
+supplies most of the samples) with a tolerance of 3x the median distance (it follows the noise), then a quadratic
 surface for screens whose hue drifts (a large transparent region such as glass cannot bend it); pixels
 much darker than the smooth brightness of their backdrop neighbours (dark semi-transparent strands) are
 dropped. The plate is the normalised-convolution average of what is left, filled under the subject by
@@ -130,13 +133,6 @@ def key_signal(x: torch.Tensor, k: torch.Tensor, n: torch.Tensor) -> torch.Tenso
     return SQ6_2 * p[..., 0] - SQ2_2 * p[..., 1].abs()
 
 
-def _key_signal_p(x: torch.Tensor, k: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
-    """:func:`key_signal` over axis 1 of a planar ``[N,3,h,w]`` tensor -> ``[N,h,w]``."""
-    N, _, h, w = x.shape
-    p = (torch.stack([k, n]).to(x) @ x.reshape(N, 3, h * w)).view(N, 2, h, w)
-    return p[:, 1].abs_().mul_(-SQ2_2).add_(p[:, 0], alpha=SQ6_2)
-
-
 def color_hex(rgb: Sequence[float]) -> str:
     """``(r, g, b)`` in 0..1 -> ``"#rrggbb"``."""
     return "#" + "".join(f"{int(round(min(max(float(c), 0.0), 1.0) * 255)):02x}" for c in rgb)
@@ -154,30 +150,7 @@ def soft_clip(a: torch.Tensor, t: float) -> torch.Tensor:
     return torch.maximum(lower, b.add_(2.0 * t - 1.0), out=lower).clamp_(0, 1)
 
 
-# ------------------------------------------------------------------------------------ low-res tools
-def _blur(x: torch.Tensor) -> torch.Tensor:
-    """Binomial ``[1 4 6 4 1]/16`` blur (a Gaussian of sigma 1 px) of ``[N,C,h,w]``, replicate borders:
-    per axis four adds of neighbouring pairs (``[1 1]^4``), much faster on a CPU than a convolution."""
-    scale = 1.0
-    if x.shape[-1] >= 2:
-        x = F.pad(x, (2, 2, 0, 0), mode="replicate")
-        for _ in range(4):
-            x = x[..., :-1] + x[..., 1:]
-        scale /= 16
-    if x.shape[-2] >= 2:
-        x = F.pad(x, (0, 0, 2, 2), mode="replicate")
-        for _ in range(4):
-            x = x[..., :-1, :] + x[..., 1:, :]
-        scale /= 16
-    return x.mul_(scale) if scale != 1.0 else x
-
-
-def _norm_blur(values: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Normalised convolution: ``blur(w v) / blur(w)`` and ``blur(w)`` (``[N,C,h,w]``, ``[N,1,h,w]``)."""
-    den = _blur(weight)
-    return _blur(values * weight) / den.clamp_min(1e-6), den
-
-
+# ------------------------------------------------------------------------------------ full-res tools (torch)
 def _half(x: torch.Tensor) -> torch.Tensor:
     """2x2 mean of ``[N,C,h,w]`` (a ragged last row/column averages what exists): ``ceil(h/2) x ceil(w/2)``."""
     if x.shape[-1] * x.shape[-2] < 16384 or x.shape[-1] % 2 or x.shape[-2] % 2:
@@ -185,35 +158,30 @@ def _half(x: torch.Tensor) -> torch.Tensor:
     return (x[..., 0::2, 0::2] + x[..., 1::2, 0::2] + x[..., 0::2, 1::2] + x[..., 1::2, 1::2]) * 0.25
 
 
-def _up(x: torch.Tensor, size) -> torch.Tensor:
-    """Bilinear resize of ``[N,C,h,w]`` to ``size`` (half-pixel centres)."""
-    h, w = x.shape[-2:]
-    f = size[0] // h
-    if f >= 2 and tuple(size) == (f * h, f * w):  # an integer factor: the fast exact path
-        return _upf(x, f)
-    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
-
-
 def _up_axis(x: torch.Tensor, f: int, dim: int) -> torch.Tensor:
     """Bilinear upsampling of ``x`` by the integer ``f`` along ``dim`` (-1 or -2), half-pixel centres and
     clamped edges (== ``F.interpolate(scale_factor=f, align_corners=False)``): output ``i f + p`` lerps
     input ``i`` with its neighbour on the side of ``(p + 0.5) / f - 0.5``; one strided lerp per phase."""
     n = x.shape[dim]
-    xp = torch.cat([x.narrow(dim, 0, 1), x, x.narrow(dim, n - 1, 1)], dim)
     if dim == -1:
         out = torch.empty(*x.shape, f, dtype=x.dtype, device=x.device)
-        lo, mid, hi = xp[..., 0:n], xp[..., 1:n + 1], xp[..., 2:n + 2]
         phase = lambda p: out[..., p]  # noqa: E731
     else:
         out = torch.empty(*x.shape[:-1], f, x.shape[-1], dtype=x.dtype, device=x.device)
-        lo, mid, hi = xp[..., 0:n, :], xp[..., 1:n + 1, :], xp[..., 2:n + 2, :]
         phase = lambda p: out[..., p, :]  # noqa: E731
+    # no padded copy: interior outputs lerp neighbours, the clamped edge output is the edge input itself
+    lo, hi = x.narrow(dim, 0, n - 1), x.narrow(dim, 1, n - 1)
     for p in range(f):
         off = (p + 0.5) / f - 0.5
+        o = phase(p)
         if off < 0:
-            torch.lerp(lo, mid, 1.0 + off, out=phase(p))
+            o.narrow(dim, 0, 1).copy_(x.narrow(dim, 0, 1))
+            if n > 1:
+                torch.lerp(lo, hi, 1.0 + off, out=o.narrow(dim, 1, n - 1))
         else:
-            torch.lerp(mid, hi, off, out=phase(p))
+            o.narrow(dim, n - 1, 1).copy_(x.narrow(dim, n - 1, 1))
+            if n > 1:
+                torch.lerp(lo, hi, off, out=o.narrow(dim, 0, n - 1))
     return out.flatten(-2) if dim == -1 else out.flatten(-3, -2)
 
 
@@ -226,34 +194,6 @@ def _upf(x: torch.Tensor, f: int) -> torch.Tensor:
     if x.shape[-1] * x.shape[-2] * x.shape[-3] < 4096 or x.device.type != "cpu":
         return F.interpolate(x, scale_factor=f, mode="bilinear", align_corners=False, recompute_scale_factor=False)
     return _up_axis(_up_axis(x, f, -1), f, -2)
-
-
-def _box3(x: torch.Tensor) -> torch.Tensor:
-    """3x3 box mean of ``[N,C,h,w]`` with replicate borders."""
-    p = F.pad(x, (1, 1, 1, 1), mode="replicate")
-    r = p[..., :-2] + p[..., 1:-1] + p[..., 2:]
-    return (r[..., :-2, :] + r[..., 1:-1, :] + r[..., 2:, :]) * (1.0 / 9)
-
-
-def push_pull(values: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Fill ``values`` ``[N,C,h,w]`` where ``weight`` ``[N,1,h,w]`` (0..1) is small, smoothly.
-
-    Push: a pyramid of weight-averaged colours (2x2 averages of ``w v`` and ``w``). Pull: from the top,
-    each level keeps its own average in proportion to its coverage ``min(1, 2 w)`` and takes the
-    upsampled coarser estimate for the rest, so well-known pixels keep their value and holes get a
-    smooth blend of their surroundings at every scale.
-    """
-    x = torch.cat([values * weight, weight], 1)
-    levels = []
-    while min(x.shape[-2:]) > 1:
-        levels.append(x)
-        x = _half(x)
-    est = x[:, :-1] / x[:, -1:].clamp_min(1e-8)
-    for lx in reversed(levels):
-        up = _up(est, lx.shape[-2:])
-        lw = lx[:, -1:]
-        est = torch.lerp(up, lx[:, :-1] / lw.clamp_min(1e-8), (2.0 * lw).clamp(max=1.0))
-    return est
 
 
 def _erode(binary: torch.Tensor, r: int) -> torch.Tensor:
@@ -317,32 +257,177 @@ class _Upsampler:
         return up[0, :, a - j0 * f: b - j0 * f, : self.W]
 
 
-def _sample_bilinear(low: torch.Tensor, f: int, ys: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
-    """The :class:`_Upsampler` value of ``low`` ``[1,C,h,w]`` at full-res pixels ``(ys, xs)`` -> ``[N,C]``."""
-    h, w = low.shape[-2:]
-    sy = ((ys.double() + 0.5) / f - 0.5).clamp(0, h - 1)
-    sx = ((xs.double() + 0.5) / f - 0.5).clamp(0, w - 1)
-    y0, x0 = sy.floor().long(), sx.floor().long()
-    y1, x1 = (y0 + 1).clamp(max=h - 1), (x0 + 1).clamp(max=w - 1)
-    wy, wx = (sy - y0).float(), (sx - x0).float()
-    g = low[0]
-    top = torch.lerp(g[:, y0, x0], g[:, y0, x1], wx)
-    bot = torch.lerp(g[:, y1, x0], g[:, y1, x1], wx)
-    return torch.lerp(top, bot, wy).t()
+# ------------------------------------------------------------------------------------ low-res tools (numpy)
+# The low-resolution stages (key colour, plate, F_l, noise level) run in numpy on the CPU whatever the
+# device: their maps are at most ``plate_size`` / ``work_size`` px (a few hundred kB, copied once each
+# way), where a chain of a few hundred tiny ops costs mostly per-op dispatch, which numpy keeps several
+# times lower than torch on a CPU (and far lower than kernel launches and synchronisations on a GPU).
+# Arrays are float32 and planar: ``[C,h,w]``.
+_F32 = np.float32
 
 
-def _subsample(idx: torch.Tensor, n: int, seed: int = 0) -> torch.Tensor:
-    """At most ``n`` entries of a 1-D index tensor, fixed-seed random choice."""
-    if idx.numel() <= n:
-        return idx
-    return idx[_perm_prefix(idx.numel(), seed, max(n, 2048))[:n].to(idx.device)]
+def _nhalf(x: np.ndarray) -> np.ndarray:
+    """2x2 mean of ``[..., h, w]``; a ragged last row/column averages what exists (``ceil(h/2) x ceil(w/2)``)."""
+    if x.shape[-2] % 2:
+        x = np.concatenate([x, x[..., -1:, :]], -2)
+    if x.shape[-1] % 2:
+        x = np.concatenate([x, x[..., -1:]], -1)
+    s = x[..., 0::2, :] + x[..., 1::2, :]
+    return (s[..., 0::2] + s[..., 1::2]) * _F32(0.25)
+
+
+@functools.lru_cache(maxsize=256)
+def _lerp_table(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Bilinear resampling of one axis, half-pixel centres, clamped edges (``F.interpolate(...,
+    align_corners=False)``): output ``j`` lerps inputs ``i0[j]`` and ``i1[j]`` by ``lam[j]``."""
+    src = np.maximum((np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5, 0.0)
+    i0 = np.minimum(np.floor(src).astype(np.intp), n_in - 1)
+    return i0, np.minimum(i0 + 1, n_in - 1), (src - i0).astype(_F32)
+
+
+def _nup2(x: np.ndarray, axis: int) -> np.ndarray:
+    """Exactly :func:`_nresize` to twice the length along ``axis`` (-1 or -2), by slices instead of
+    gathers: output ``2i`` is ``x[i-1] + 0.75 (x[i] - x[i-1])``, ``2i+1`` is ``x[i] + 0.25 (x[i+1] - x[i])``,
+    the first and last outputs copy the edge inputs (the same arithmetic as the general path)."""
+    n = x.shape[axis]
+    shape = list(x.shape)
+    shape[axis] = 2 * n
+
+    def at(start, stop=None, step=None):
+        idx = [slice(None)] * x.ndim
+        idx[axis] = slice(start, stop, step)
+        return tuple(idx)
+
+    out = np.empty(shape, dtype=x.dtype)
+    lo = x[at(0, n - 1)]
+    d = x[at(1, n)] - lo
+    np.add(lo, d * _F32(0.75), out=out[at(2, None, 2)])
+    np.add(lo, d * _F32(0.25), out=out[at(1, 2 * n - 2, 2)])
+    out[at(0, 1)] = x[at(0, 1)]
+    out[at(2 * n - 1, 2 * n)] = x[at(n - 1, n)]
+    return out
+
+
+def _nresize(x: np.ndarray, h: int, w: int) -> np.ndarray:
+    """Bilinear resize of ``[..., h0, w0]`` to ``[..., h, w]`` (half-pixel centres, as ``F.interpolate``)."""
+    if h == 2 * x.shape[-2]:
+        x = _nup2(x, x.ndim - 2)
+    elif x.shape[-2] != h:
+        i0, i1, lam = _lerp_table(x.shape[-2], h)
+        a = x[..., i0, :]
+        x = a + (x[..., i1, :] - a) * lam[:, None]
+    if w == 2 * x.shape[-1]:
+        x = _nup2(x, x.ndim - 1)
+    elif x.shape[-1] != w:
+        i0, i1, lam = _lerp_table(x.shape[-1], w)
+        a = x[..., i0]
+        x = a + (x[..., i1] - a) * lam
+    return x
+
+
+def _npad_edge(x: np.ndarray, r: int, axis: int) -> np.ndarray:
+    """Replicate-pad ``x`` by ``r`` along ``axis`` (-1 or -2)."""
+    first, last = np.take(x, [0] * r, axis=axis), np.take(x, [x.shape[axis] - 1] * r, axis=axis)
+    return np.concatenate([first, x, last], axis)
+
+
+def _blur(x: np.ndarray) -> np.ndarray:
+    """Binomial ``[1 4 6 4 1]/16`` blur (a Gaussian of sigma 1 px) of ``[C,h,w]``, replicate borders:
+    per axis four adds of neighbouring pairs (``[1 1]^4``)."""
+    scale = 1.0
+    if x.shape[-1] >= 2:
+        x = _npad_edge(x, 2, -1)
+        for _ in range(4):
+            x = x[..., :-1] + x[..., 1:]
+        scale /= 16
+    if x.shape[-2] >= 2:
+        x = _npad_edge(x, 2, -2)
+        for _ in range(4):
+            x = x[..., :-1, :] + x[..., 1:, :]
+        scale /= 16
+    return x * _F32(scale) if scale != 1.0 else x
+
+
+def _norm_blur(values: np.ndarray, weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Normalised convolution: ``blur(w v) / blur(w)`` and ``blur(w)`` (``[C,h,w]``, ``[1,h,w]``)."""
+    den = _blur(weight)
+    return _blur(values * weight) / np.maximum(den, _F32(1e-6)), den
+
+
+def _box3(x: np.ndarray) -> np.ndarray:
+    """3x3 box mean of ``[C,h,w]`` with replicate borders."""
+    p = _npad_edge(_npad_edge(x, 1, -1), 1, -2)
+    r = p[..., :-2] + p[..., 1:-1] + p[..., 2:]
+    return (r[..., :-2, :] + r[..., 1:-1, :] + r[..., 2:, :]) * _F32(1.0 / 9)
+
+
+def _pool(x: np.ndarray, c: int) -> np.ndarray:
+    """``c x c`` block means of ``[C,h,w]``; ragged border blocks average what exists."""
+    if c == 1:
+        return x
+    h, w = x.shape[-2:]
+    ys, xs = np.arange(0, h, c), np.arange(0, w, c)
+    s = np.add.reduceat(np.add.reduceat(x, ys, axis=-2), xs, axis=-1)
+    return s / (np.minimum(c, h - ys)[:, None] * np.minimum(c, w - xs)[None, :]).astype(_F32)
+
+
+def push_pull(values: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    """Fill ``values`` ``[C,h,w]`` where ``weight`` ``[1,h,w]`` (0..1) is small, smoothly.
+
+    Push: a pyramid of weight-averaged colours (2x2 averages of ``w v`` and ``w``). Pull: from the top,
+    each level keeps its own average in proportion to its coverage ``min(1, 2 w)`` and takes the
+    upsampled coarser estimate for the rest, so well-known pixels keep their value and holes get a
+    smooth blend of their surroundings at every scale.
+    """
+    x = np.concatenate([values * weight, weight], 0)
+    levels = []
+    while min(x.shape[-2:]) > 1:
+        levels.append(x)
+        x = _nhalf(x)
+    est = x[:-1] / np.maximum(x[-1:], _F32(1e-8))
+    for lx in reversed(levels):
+        up = _nresize(est, *lx.shape[-2:])
+        lw = lx[-1:]
+        est = lx[:-1] / np.maximum(lw, _F32(1e-8))  # up + (own - up) min(2 w, 1), in place
+        est -= up
+        est *= np.minimum(lw * _F32(2.0), _F32(1.0))
+        est += up
+    return est
+
+
+def _ksig(x: np.ndarray, kn: np.ndarray) -> np.ndarray:
+    """Key signal ``s(X)`` (eq. 2) over axis 0 of planar ``[3,...]`` (``kn`` = ``[k; n]``, ``[2,3]``)."""
+    p = (kn @ x.reshape(3, -1)).reshape(2, *x.shape[1:])
+    return p[0] * _F32(SQ6_2) - np.abs(p[1]) * _F32(SQ2_2)
 
 
 @functools.lru_cache(maxsize=32)
-def _perm_prefix(m: int, seed: int, n: int) -> torch.Tensor:
+def _perm_prefix(m: int, seed: int, n: int) -> np.ndarray:
     """The first ``n`` entries of ``torch.randperm(m)`` with a generator seeded ``seed`` (cached: frames of
     one size draw the same samples, and a permutation of ``m`` costs far more than the ``n`` picks)."""
-    return torch.randperm(m, generator=torch.Generator().manual_seed(seed))[:n].clone()
+    return torch.randperm(m, generator=torch.Generator().manual_seed(seed))[:n].numpy().copy()
+
+
+def _subsample(idx: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
+    """At most ``n`` entries of a 1-D index array, fixed-seed random choice."""
+    if idx.size <= n:
+        return idx
+    return idx[_perm_prefix(idx.size, seed, max(n, 2048))[:n]]
+
+
+def _sample_bilinear(low: np.ndarray, f: int, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
+    """The :class:`_Upsampler` value of ``low`` ``[C,h,w]`` at full-res pixels ``(ys, xs)`` -> ``[C,N]``."""
+    h, w = low.shape[-2:]
+    sy = np.clip((ys + 0.5) / f - 0.5, 0, h - 1)
+    sx = np.clip((xs + 0.5) / f - 0.5, 0, w - 1)
+    y0, x0 = sy.astype(np.intp), sx.astype(np.intp)
+    y1, x1 = np.minimum(y0 + 1, h - 1), np.minimum(x0 + 1, w - 1)
+    wy, wx = (sy - y0).astype(_F32), (sx - x0).astype(_F32)
+    a, b = low[:, y0, x0], low[:, y0, x1]
+    top = a + (b - a) * wx
+    a, b = low[:, y1, x0], low[:, y1, x1]
+    bot = a + (b - a) * wx
+    return top + (bot - top) * wy
 
 
 # ------------------------------------------------------------------------------------ key colour
@@ -355,9 +440,10 @@ def kmeans(pts: np.ndarray, k: int, seed: int = 0, max_iter: int = 50) -> tuple[
     rng = np.random.default_rng(seed)
     n = len(pts)
     k = max(1, min(int(k), n))
-    sq = (pts * pts).sum(1)
+    cols = [np.ascontiguousarray(pts[:, j]) for j in range(pts.shape[1])]  # sums over d as adds of rows
+    sq = functools.reduce(np.add, [c * c for c in cols])
     centres = [pts[rng.integers(n)]]
-    d2 = ((pts - centres[0]) ** 2).sum(1)
+    d2 = functools.reduce(np.add, [(c - centres[0][j]) ** 2 for j, c in enumerate(cols)])
     trials = 2 + int(math.log(k))
     for _ in range(1, k):
         total = float(d2.sum())
@@ -371,87 +457,92 @@ def kmeans(pts: np.ndarray, k: int, seed: int = 0, max_iter: int = 50) -> tuple[
         d2 = nd[best]
     centres = np.array(centres)
     labels = None
-    tol = 1e-4 * float(pts.var(0).mean())  # scikit-learn's default stopping rule
+    tol = 1e-4 * float(np.mean([c.var() for c in cols]))  # scikit-learn's default stopping rule
+
+    def nearest(c):  # squared distance minus |p|^2, as [n, k]: the argmin runs along contiguous rows
+        return (pts @ (c * -2.0).T + (c * c).sum(1)).argmin(1)
+
     for _ in range(max_iter):
-        new = (centres @ pts.T * -2.0 + (centres * centres).sum(1)[:, None]).argmin(0)
+        new = nearest(centres)
         if labels is not None and np.array_equal(new, labels):
             break
         labels = new
         count = np.bincount(labels, minlength=k)
         ok = count > 0
         old = centres.copy()
-        for j in range(pts.shape[1]):
-            centres[ok, j] = np.bincount(labels, weights=pts[:, j], minlength=k)[ok] / count[ok]
+        for j, col in enumerate(cols):
+            centres[ok, j] = np.bincount(labels, weights=col, minlength=k)[ok] / count[ok]
         if float(((centres - old) ** 2).sum()) <= tol:
-            labels = (centres @ pts.T * -2.0 + (centres * centres).sum(1)[:, None]).argmin(0)
+            labels = nearest(centres)
             break
     return centres, labels
 
 
-def find_key_color(small: torch.Tensor, bg_hint: torch.Tensor | None = None, clusters: int = 5,
-                   samples: int = 1000, seed: int = 0) -> tuple[torch.Tensor, dict]:
-    """Backdrop colour of a low-res planar image ``[1,3,h,w]`` by K-Means (:func:`kmeans`: k-means++ and
-    Lloyd, fixed seed, on at most ``samples`` pixels).
+def find_key_color(small: np.ndarray, bg_hint: np.ndarray | None = None, clusters: int = 5,
+                   samples: int = 1000, seed: int = 0) -> tuple[np.ndarray, dict]:
+    """Backdrop colour of a low-res planar image ``[3,h,w]`` (numpy) by K-Means (:func:`kmeans`:
+    k-means++ and Lloyd, fixed seed, on at most ``samples`` pixels).
 
     With ``bg_hint`` (``[h,w]`` bool: background candidates, e.g. outside a coarse mask) the most
     populated cluster of those pixels wins, whatever its colour. Without one, a screen is large, touches
     the frame, is saturated and uniform in chromaticity, so each cluster scores
     ``(share of pixels + share of the border) * saturation^2 / (chroma spread + 0.02)`` with saturation
     ``(max - min) / max`` of its centre and spread the median distance of its members' chromaticity
-    ``X / sum(X)`` from the centre's. Returns ``(key [3], info)`` (``info``: share, saturation, spread).
+    ``X / sum(X)`` from the centre's. Returns ``(key [3] float64, info)`` (``info``: share, saturation,
+    spread of the chosen cluster).
     """
-    _, _, h, w = small.shape
-    flat = small[0].reshape(3, -1).t()
-    border = torch.zeros(h, w, dtype=torch.bool, device=small.device)
-    border[0], border[-1], border[:, 0], border[:, -1] = True, True, True, True
-    cand = torch.arange(h * w, device=small.device)
-    if bg_hint is not None:
-        cand = cand[bg_hint.reshape(-1)]
+    _, h, w = small.shape
+    cand = np.arange(h * w) if bg_hint is None else np.flatnonzero(bg_hint)
     idx = _subsample(cand, samples, seed)
-    pts = flat[idx].double().cpu().numpy()
-    onb = border.reshape(-1)[idx].cpu().numpy()
-    k = min(clusters if float(pts.std(0).max()) > 1e-3 else 1, len(pts))
+    pts_t = small.reshape(3, -1)[:, idx].astype(np.float64)  # [3,n]: sums over colour = adds of rows
+    pts = pts_t.T
+    yy, xx = np.divmod(idx, w)
+    onb = (yy == 0) | (yy == h - 1) | (xx == 0) | (xx == w - 1)
+    k = min(clusters if float(pts_t.std(1).max()) > 1e-3 else 1, pts_t.shape[1])
     centres, labels = kmeans(pts, k, seed=seed)
-    ratio = pts / np.maximum(pts.sum(1, keepdims=True), 1e-2)
+    ratio = pts_t / np.maximum(pts_t[0] + pts_t[1] + pts_t[2], 1e-2)  # chromaticity, [3,n]
+    nb = max(1, int(onb.sum()))
     best, best_score, stats = 0, -1.0, []
     for j in range(k):
         sel = labels == j
         c = centres[j]
         share = float(sel.mean())
-        bshare = float((sel & onb).sum()) / max(1, int(onb.sum()))
-        spread = float(np.median(np.linalg.norm(ratio[sel] - c / max(c.sum(), 1e-2), axis=1))) if sel.any() else 1.0
+        bshare = float((sel & onb).sum()) / nb
+        if sel.any():
+            rs, rc = ratio[:, sel], c / max(c.sum(), 1e-2)
+            spread = float(np.median(np.sqrt((rs[0] - rc[0]) ** 2 + (rs[1] - rc[1]) ** 2 + (rs[2] - rc[2]) ** 2)))
+        else:
+            spread = 1.0
         sat = float((c.max() - c.min()) / max(c.max(), 1e-3))
         score = share if bg_hint is not None else (share + bshare) * sat * sat / (spread + 0.02)
         stats.append({"share": share, "saturation": sat, "spread": spread})
         if score > best_score:
             best, best_score = j, score
-    key = torch.from_numpy(centres[best]).float().clamp(0, 1).to(small.device)
-    return key, stats[best]
+    return np.clip(centres[best], 0, 1), stats[best]
 
 
-# ------------------------------------------------------------------------------------ plate
-def _ratio_p(x: torch.Tensor) -> torch.Tensor:
-    """Chromaticity ``X / (R + G + B)`` of a planar ``[N,3,h,w]`` tensor (blind to lighting gain)."""
-    return x / x.sum(1, keepdim=True).clamp_min(1e-2)
+def _ratio(x: np.ndarray) -> np.ndarray:
+    """Chromaticity ``X / (R + G + B)`` of a planar ``[3,...]`` array (blind to lighting gain)."""
+    return x / np.maximum(x.sum(0, keepdims=True), _F32(1e-2))
 
 
 @functools.lru_cache(maxsize=8)
-def _poly_design(h: int, w: int, device) -> torch.Tensor:
+def _poly_design(h: int, w: int) -> np.ndarray:
     """Quadratic surface basis ``[6, h*w]`` (1, x, y, x^2, xy, y^2) over coordinates in -1..1 (cached:
     at most ``plate_size^2`` x 6 floats each)."""
-    yy, xx = torch.meshgrid(torch.linspace(-1, 1, h, device=device), torch.linspace(-1, 1, w, device=device),
-                            indexing="ij")
-    x, y = xx.reshape(-1), yy.reshape(-1)
-    return torch.stack([torch.ones_like(x), x, y, x * x, x * y, y * y], 0)
+    x = np.tile(np.linspace(-1, 1, w, dtype=_F32), h)
+    y = np.repeat(np.linspace(-1, 1, h, dtype=_F32), w)
+    return np.stack([np.ones_like(x), x, y, x * x, x * y, y * y], 0)
 
 
-def estimate_plate(small: torch.Tensor, key: torch.Tensor, bg_hint: torch.Tensor | None = None,
-                   gain_tol: float = 0.2, samples: int = 2048) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Clean plate of a low-res planar image ``[1,3,h,w]``: returns ``(plate [1,3,h,w], confident
-    background weight [h,w], chromaticity tolerance)`` (a wide tolerance means a non-uniform backdrop).
+def estimate_plate(small: np.ndarray, key: np.ndarray, bg_hint: np.ndarray | None = None,
+                   gain_tol: float = 0.2, samples: int = 2048, radius: float = 0.1) -> tuple[np.ndarray, np.ndarray, float]:
+    """Clean plate of a low-res planar image ``[3,h,w]`` (numpy float32): returns ``(plate [3,h,w],
+    confident background weight [h,w], chromaticity tolerance)`` (a wide tolerance means a non-uniform
+    backdrop).
 
     1. Chroma gate on the denoised (3x3 mean) chromaticity ``r = X / sum(X)``. Mode seeking: starting
-       at the key with radius 0.1, the reference becomes the median ``r`` within the radius and the
+       at the key with ``radius`` (0.1) over a sample of the pixels within it, the reference becomes the median ``r`` within the radius and the
        radius ``clamp(3 median|r - ref|, 0.008, 0.08)`` (shrinking by at most 0.6x a step) until it stops
        shrinking: the K-Means centre, pulled by mixed edge pixels, walks to the bare screen, and the final
        radius (the tolerance) follows the noise. Then a quadratic surface ``r(x, y)`` is fitted to the
@@ -463,75 +554,79 @@ def estimate_plate(small: torch.Tensor, key: torch.Tensor, bg_hint: torch.Tensor
        push-pull filled elsewhere.
     ``bg_hint`` (``[h,w]`` bool, e.g. outside a coarse mask) restricts the selection.
     """
-    _, _, h, w = small.shape
-    dev = small.device
-    r = _ratio_p(_box3(small))[0].reshape(3, -1)  # denoised, [3, h*w]
+    _, h, w = small.shape
+    r = _ratio(_box3(small)).reshape(3, -1)  # denoised, [3, h*w]
     hint = None if bg_hint is None else bg_hint.reshape(-1)
     if hint is not None and int(hint.sum()) < 16:
         hint = None
-    ref = _ratio_p(key.view(1, 3, 1, 1)).view(3, 1)
-    pool = _subsample(torch.arange(h * w, device=dev) if hint is None else hint.nonzero()[:, 0], samples)
+    key = np.asarray(key, dtype=_F32)
+    ref = (key / max(float(key.sum()), 1e-2)).reshape(3, 1)
+    # the pool: pixels within the starting radius of the key, so that a small bare screen (a subject
+    # filling most of the frame) still provides most of the samples (a random draw over the whole image
+    # would hold a few dozen screen pixels, and the tolerance would swing with the draw)
+    near0 = _sqdist(r, ref) < radius * radius
+    if hint is not None:
+        near0 &= hint
+    pool = _subsample(np.flatnonzero(near0), samples)
     # mode seeking: medians within a shrinking radius walk from the K-Means centre (pulled by mixed
     # pixels) to the densest chromaticity, the bare screen; the radius settles at 3x the median distance
-    # (numpy: a few thousand samples, where per-call overhead dominates)
-    rp = r[:, pool].cpu().numpy()
-    ref_np = ref.cpu().numpy()
-    radius = 0.1
+    rp = np.ascontiguousarray(r[:, pool])  # (fancy indexing gives a column-major copy: slow sums over axis 0)
     for _ in range(8):
-        near = ((rp - ref_np) ** 2).sum(0) < radius * radius
+        near = ((rp - ref) ** 2).sum(0) < radius * radius
         if int(near.sum()) < 16:
             break
         rn = rp[:, near]
-        ref_np = _lower_median(rn, 1)[:, None]
-        new_radius = min(max(3.0 * float(np.sqrt(_lower_median(((rn - ref_np) ** 2).sum(0), 0))), 0.008), 0.08)
+        ref = _lower_median(rn, 1)[:, None]
+        new_radius = min(max(3.0 * float(np.sqrt(_lower_median(((rn - ref) ** 2).sum(0), 0))), 0.008), 0.08)
         if new_radius >= radius * 0.95:
             radius = min(new_radius, radius)
             break
         radius = max(new_radius, radius * 0.6)
-    ref = torch.from_numpy(ref_np).to(r)
     tol2 = radius * radius
     sel = _sqdist(r, ref) < tol2
     if hint is not None:
-        sel = sel & hint
+        sel &= hint
     if int(sel.sum()) < 16:
-        return key.view(1, 3, 1, 1).expand(1, 3, h, w).clone(), torch.zeros(h, w, device=dev), radius
+        return np.broadcast_to(key.reshape(3, 1, 1), (3, h, w)).copy(), np.zeros((h, w), _F32), radius
     # a quadratic chromaticity surface for screens whose hue drifts (fitted twice)
-    design = _poly_design(h, w, dev)
+    design = _poly_design(h, w)
     for it in range(2):
-        idx = _subsample(sel.nonzero()[:, 0], samples, it)
+        idx = _subsample(np.flatnonzero(sel), samples, it)
         coef = _lstsq_rows(design[:, idx], r[:, idx])
-        new = _sqdist(r, coef.t() @ design) < tol2
+        new = _sqdist(r, coef.T @ design) < tol2
         if hint is not None:
-            new = new & hint
+            new &= hint
         if int(new.sum()) < 16:
             break
         sel = new
-    cand = sel.view(1, 1, h, w).float()
-    lum = small.sum(1, keepdim=True)
+    cand = sel.reshape(1, h, w).astype(_F32)
+    lum = small.sum(0, keepdims=True)
     c = max(1, max(h, w) // 32)  # smooth brightness of the selection at ~1/16 of the size
-    lref, den = _norm_blur(F.avg_pool2d(lum * cand, c, ceil_mode=True), F.avg_pool2d(cand, c, ceil_mode=True))
-    lref = push_pull(lref, (den > 0.02).float())
-    lref = _up(lref, (h, w))
-    keep = cand * (lum > (1.0 - gain_tol) * lref).float()
+    lref, den = _norm_blur(_pool(lum * cand, c), _pool(cand, c))
+    lref = _nresize(push_pull(lref, (den > 0.02).astype(_F32)), h, w)
+    keep = cand * (lum > _F32(1.0 - gain_tol) * lref)
     if float(keep.sum()) > 16:
         cand = keep
-    wgt = (_box3(cand) > 0.999).float()  # erode by 1 px
+    wgt = (_box3(cand) > 0.999).astype(_F32)  # erode by 1 px
     if float(wgt.sum()) < 16:
         wgt = cand
     smooth, den = _norm_blur(small, wgt)
-    return push_pull(smooth, (den > 0.3).float() * den.clamp(max=1)), wgt[0, 0], radius
+    return push_pull(smooth, (den > 0.3) * np.minimum(den, _F32(1.0))), wgt[0], radius
 
 
-def _lstsq_rows(basis: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+def _lstsq_rows(basis, values):
     """Least-squares ``coef`` ``[m,c]`` with ``values ~ coef.T @ basis`` (``basis`` ``[m,N]``, ``values``
-    ``[c,N]``) by the normal equations in float64 (a few-term polynomial basis on -1..1 is well
-    conditioned; a LAPACK least-squares call costs several times more for these tiny systems)."""
-    b = basis.double()
-    gram, rhs = b @ b.t(), b @ values.double().t()
+    ``[c,N]``; numpy or torch, float32 result of the same kind) by the normal equations in float64 (a
+    few-term polynomial basis on -1..1 is well conditioned; a LAPACK least-squares call costs several
+    times more for these tiny systems)."""
+    if isinstance(basis, torch.Tensor):
+        return torch.from_numpy(_lstsq_rows(basis.cpu().numpy(), values.cpu().numpy())).to(basis.device)
+    b = basis.astype(np.float64)
+    v = values.astype(np.float64)
     try:
-        return torch.linalg.solve(gram, rhs).float()
-    except RuntimeError:  # rank-deficient (e.g. all samples on one row): the minimum-norm solution
-        return torch.linalg.lstsq(b.t(), values.double().t()).solution.float()
+        return np.linalg.solve(b @ b.T, b @ v.T).astype(_F32)
+    except np.linalg.LinAlgError:  # rank-deficient (e.g. all samples on one row): the minimum-norm solution
+        return np.linalg.lstsq(b.T, v.T, rcond=None)[0].astype(_F32)
 
 
 def _lower_median(x: np.ndarray, axis: int) -> np.ndarray:
@@ -540,50 +635,63 @@ def _lower_median(x: np.ndarray, axis: int) -> np.ndarray:
     return np.take(np.partition(x, m, axis=axis), m, axis=axis)
 
 
-def _sqdist(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+def _sqdist(x: np.ndarray, ref: np.ndarray) -> np.ndarray:
     """Squared distances between the columns of planar ``[3,N]`` ``x`` and ``ref`` (``[3,1]`` or ``[3,N]``)."""
     t = x - ref
-    t = t * t
+    t *= t
     return t[0] + t[1] + t[2]
 
 
 # ------------------------------------------------------------------------------------ alpha / F_l
-def local_foreground(small: torch.Tensor, plate: torch.Tensor, k: torch.Tensor, n: torch.Tensor,
-                     noise: float, fg_conf: float = 0.05, partial: float = 0.1) -> torch.Tensor:
-    """Local foreground colour ``F_l`` ``[1,3,h,w]`` at low resolution, and the largest ``a0``.
+def local_foreground(small: np.ndarray, plate: np.ndarray, kn: np.ndarray, noise: float,
+                     fg_conf: float = 0.05, partial: float = 0.1) -> tuple[np.ndarray, float]:
+    """Local foreground colour ``F_l`` ``[3,h,w]`` at low resolution (numpy), and the largest ``a0``.
 
     From the colour-difference alpha ``a0 = 1 - s(I)/s(B)``: confident foreground
     (``a0 > 1 - max(fg_conf, 3 sigma)``) keeps its colour with weight 1, partial pixels (``a0 > partial``)
     give their unmixed colour ``B + (I - B)/a0`` with weight ``a0^2``; push-pull spreads the weighted
     colours everywhere (a second pass with the refined alpha changes the dev-set scores by < 1%).
+    ``kn``: ``[k; n]`` (``[2,3]``) of :func:`key_basis`.
     """
-    a = (1.0 - _key_signal_p(small, k, n) / _key_signal_p(plate, k, n).clamp_min(1e-3)).clamp(0, 1)[:, None]
-    conf = (a > 1.0 - max(fg_conf, 3.0 * noise)).float()
-    if float(conf.sum()) < 1:
-        return torch.full_like(small, 0.5), float(a.max())
-    unmixed = torch.where(conf > 0, small, (plate + (small - plate) / a.clamp_min(0.05)).clamp(0, 1))
-    wgt = torch.where(a > partial, a * a, torch.zeros_like(a)).maximum(conf)
-    return push_pull(unmixed, wgt), float(a.max())
+    a = np.clip(1.0 - _ksig(small, kn) / np.maximum(_ksig(plate, kn), _F32(1e-3)), 0, 1)[None]
+    conf = a > _F32(1.0 - max(fg_conf, 3.0 * noise))
+    a_max = float(a.max())
+    if not conf.any():
+        return np.full_like(small, 0.5), a_max
+    unmixed = np.where(conf, small, np.clip(plate + (small - plate) / np.maximum(a, _F32(0.05)), 0, 1))
+    wgt = np.maximum(np.where(a > _F32(partial), a * a, _F32(0.0)), conf.astype(_F32))
+    return push_pull(unmixed, wgt), a_max
 
 
-def _noise_level(img, plate_at, bg_small, f, k, n, samples: int = 4096) -> float:
-    """Robust std (1.4826 MAD) of ``a0 = 1 - s(I)/s(B)`` over up to ``samples`` full-resolution pixels of
-    confident background: the sensor / JPEG noise the soft thresholds must absorb."""
-    H, W, _ = img.shape
+@functools.lru_cache(maxsize=32)
+def _noise_samples(H: int, W: int, m: int) -> tuple[np.ndarray, np.ndarray]:
     gen = torch.Generator().manual_seed(0)
-    m = min(samples, H * W)
-    ys = torch.randint(0, H, (m,), generator=gen).to(img.device)
-    xs = torch.randint(0, W, (m,), generator=gen).to(img.device)
+    ys = torch.randint(0, H, (m,), generator=gen)
+    xs = torch.randint(0, W, (m,), generator=gen)
+    return ys.numpy().copy(), xs.numpy().copy()
+
+
+def _noise_level(img, plate_at, bg_small, f, kn, samples: int = 4096) -> float:
+    """Robust std (1.4826 MAD) of ``a0 = 1 - s(I)/s(B)`` over up to ``samples`` full-resolution pixels of
+    confident background: the sensor / JPEG noise the soft thresholds must absorb. ``plate_at(ys, xs)``
+    gives the plate there (``[3,N]`` numpy); ``bg_small`` ``[h,w]`` at factor ``f`` (numpy) or None."""
+    H, W, _ = img.shape
+    ys, xs = _noise_samples(H, W, min(samples, H * W))
     if bg_small is not None:
         ok = bg_small[ys // f, xs // f] > 0.99
         ys, xs = ys[ok], xs[ok]
-    if ys.numel() < 32:
+    if ys.size < 32:
         return 0.01
-    a = 1.0 - key_signal(img[ys, xs], k, n) / key_signal(plate_at(ys, xs), k, n).clamp_min(1e-3)
-    a = a[a.abs() < 0.25]  # backdrop-like samples only (all samples are candidates with a user plate)
-    if a.numel() < 32:
+    flat = torch.from_numpy(ys * W + xs).to(img.device)
+    if img.is_contiguous():  # one index_select on rows of 3: far cheaper than 2-D advanced indexing
+        pix = img.view(-1, 3).index_select(0, flat).t().cpu().numpy()
+    else:
+        pix = img[flat // W, flat % W].t().cpu().numpy()
+    a = 1.0 - _ksig(pix, kn) / np.maximum(_ksig(plate_at(ys, xs), kn), _F32(1e-3))
+    a = a[np.abs(a) < 0.25]  # backdrop-like samples only (all samples are candidates with a user plate)
+    if a.size < 32:
         return 0.01
-    return float(1.4826 * (a - a.median()).abs().median())
+    return float(1.4826 * _lower_median(np.abs(a - _lower_median(a, 0)), 0))
 
 
 # ------------------------------------------------------------------------------------ main entry
@@ -625,10 +733,11 @@ def greenpost(image: torch.Tensor, mask: torch.Tensor | None = None, plate: torc
         all foreground with a warning. ``min_saturation``, ``max_spread`` (chromaticity tolerance) and
         ``min_key_signal`` set what counts as a screen (only without mask, plate and key override).
     chunk_pixels : full-resolution pixels processed at once (memory vs. overhead). ``None``: a quarter of
-        the image, between 2^16 and 2^19: large frames amortise the per-band overhead, while on smaller
+        the image, between 2^17 and 2^19: large frames amortise the per-band overhead, while on mid-sized
         ones each band's temporaries stay well below the outputs' size, so the C allocator reuses that
         memory instead of returning it to the system and faulting it back in (up to a third of the
-        time on a CPU).
+        time on a CPU); images up to 2^17 px (e.g. 320 x 320) take one band, which also saves the
+        second planar copy of the image.
     cpu_threads : torch intra-op threads while keying on a CPU (restored afterwards; ``None`` = leave
         torch's setting). The work is a long chain of small, memory-bound ops, where extra threads mostly
         wait on each other: on a loaded 2-core machine 2 threads made a 4K frame 4x *slower* than 1.
@@ -718,13 +827,14 @@ def _as_rgb(x: torch.Tensor, name: str) -> torch.Tensor:
 def _key_one(img, mask, user_plate, override, alpha_out, rgba_out, plate_out, index, warnings, opt):
     """Key one image ``[H,W,3]`` into preallocated outputs; returns its key colour ``[3]``."""
     H, W, _ = img.shape
+    dev = img.device
     # working factor: the working copy has a long side of about work_size px, but never less than 1/8 of
     # the image (large frames can afford detail: their cost is dominated by the full-resolution passes)
     f = max(1, min(math.ceil(max(H, W) / opt["work_size"]), 8))
-    small = _downsample(img, f)  # [1,3,h,w]
-    _, _, h, w = small.shape
+    small = _downsample(img, f)[0].cpu().numpy()  # [3,h,w], numpy from here on (low-res stages)
+    _, h, w = small.shape
 
-    # ---- coarse mask -> background hint and alpha bounds (low res)
+    # ---- coarse mask -> background hint and alpha bounds (bounds stay on the device: they go full-res)
     hint_bg = bounds = None
     if mask is not None:
         cover = _downsample(mask.unsqueeze(-1), f)  # [1,1,h,w] coverage
@@ -732,9 +842,9 @@ def _key_one(img, mask, user_plate, override, alpha_out, rgba_out, plate_out, in
         binary = (cover > 0.5).float()
         allowed = _dilate(binary, margin)           # alpha <= allowed
         forced = _erode(binary, margin) if opt["mask_holdout"] else torch.zeros_like(binary)  # alpha >= forced
-        hint_bg = allowed[0, 0] < 0.5
+        hint_bg = (allowed[0, 0] < 0.5).cpu().numpy()
         bounds = (forced, allowed)
-        if not bool(hint_bg.any()):
+        if not hint_bg.any():
             warnings.append(f"image {index}: the coarse mask leaves no background; key colour and plate "
                             f"come from the image alone")
             hint_bg = None
@@ -742,78 +852,84 @@ def _key_one(img, mask, user_plate, override, alpha_out, rgba_out, plate_out, in
     # ---- key colour and plate work at a coarser level (<= plate_size px; both are smooth)
     coarse, hint_c, levels = small, hint_bg, 0
     while max(coarse.shape[-2:]) > opt["plate_size"] and min(coarse.shape[-2:]) >= 16:
-        coarse, levels = _half(coarse), levels + 1
-        hint_c = None if hint_c is None else _half(hint_c.float()[None, None])[0, 0] > 0.99
+        coarse, levels = _nhalf(coarse), levels + 1
+        hint_c = None if hint_c is None else _nhalf(hint_c.astype(_F32)) > 0.99
     fp = f * 2 ** levels
     # ---- key colour
     auto = override is None and user_plate is None and hint_bg is None  # nothing says where the screen is
+    user_small = None if user_plate is None else _downsample(user_plate, f)[0].cpu().numpy()
     if override is not None:
-        key = override
+        key = override.double().cpu().numpy()
     elif user_plate is not None:
-        key = _downsample(user_plate, f).mean(dim=(0, 2, 3))
+        key = user_small.mean(axis=(1, 2), dtype=np.float64)
     else:
         key, info = find_key_color(coarse, hint_c)
         if auto and info["saturation"] < opt["min_saturation"]:
-            reason = f"the most screen-like colour {color_hex(key.tolist())} is unsaturated"
+            reason = f"the most screen-like colour {color_hex(key)} is unsaturated"
             return _no_screen(img, key, index, reason, alpha_out, rgba_out, plate_out, warnings, opt)
 
     # ---- plate (coarse level, upsampled to the working level), confident background, noise
     if user_plate is not None:
-        plate_small, bg_c = _downsample(user_plate, f), None
-        plate_at = lambda ys, xs: user_plate[ys, xs]  # noqa: E731
+        plate_small, bg_c = user_small, None
+        plate_at = lambda ys, xs: user_plate[torch.from_numpy(ys).to(dev), torch.from_numpy(xs).to(dev)].t().cpu().numpy()  # noqa: E731,E501
     else:
         plate_c, bg_c, tol = estimate_plate(coarse, key, hint_c)
         if override is None and float(bg_c.sum()) >= 16:  # the bare screen's colour, free of mixed pixels
-            key = (coarse * bg_c).sum(dim=(0, 2, 3)) / bg_c.sum()
+            key = (coarse * bg_c).sum(axis=(1, 2), dtype=np.float64) / float(bg_c.sum(dtype=np.float64))
         if auto:  # is it a screen at all?
             reason = None
             if tol > opt["max_spread"]:
-                reason = f"the backdrop candidates around {color_hex(key.tolist())} vary too much in colour"
+                reason = f"the backdrop candidates around {color_hex(key)} vary too much in colour"
             elif float(bg_c.mean()) < 0.001:
-                reason = f"only {float(bg_c.mean()):.2%} of the image matches {color_hex(key.tolist())}"
+                reason = f"only {float(bg_c.mean()):.2%} of the image matches {color_hex(key)}"
             if reason is not None:
                 return _no_screen(img, key, index, reason, alpha_out, rgba_out, plate_out, warnings, opt)
         plate_at = lambda ys, xs: _sample_bilinear(plate_c, fp, ys, xs)  # noqa: E731
-        plate_small = plate_c
-        if levels:
-            plate_small = _up(plate_c, small.shape[-2:])
-    k, n, _ = key_basis(key)
-    strength = float(key_signal(plate_small.mean(dim=(0, 2, 3)), k, n))
+        plate_small = _nresize(plate_c, h, w) if levels else plate_c
+    k, n, _ = key_basis(torch.tensor(key, dtype=torch.float32))
+    kn = torch.stack([k, n]).numpy()  # [2,3]
+    strength = float(_ksig(plate_small.mean(axis=(1, 2)), kn))
     if strength < opt["min_key_signal"]:
-        reason = f"the backdrop {color_hex(key.tolist())} is nearly grey (key signal {strength:.3f})"
+        reason = f"the backdrop {color_hex(key)} is nearly grey (key signal {strength:.3f})"
         if auto:
             return _no_screen(img, key, index, reason, alpha_out, rgba_out, plate_out, warnings, opt)
         warnings.append(f"image {index}: {reason}; colour keying is unreliable there")
-    noise = _noise_level(img, plate_at, bg_c, fp, k, n)
+    noise = _noise_level(img, plate_at, bg_c, fp, kn)
+    key_t = torch.tensor(key, dtype=torch.float32, device=dev)
 
     # ---- local foreground colour (low res)
-    fl_small, a0_max = local_foreground(small, plate_small, k, n, noise)
+    fl_small, a0_max = local_foreground(small, plate_small, kn, noise)
     if a0_max < opt["min_foreground"] and (bounds is None or float(bounds[0].max()) == 0):
         # not one working-res pixel is even partly foreground: an empty screen, exactly transparent
         alpha_out.zero_()
         rgba_out[..., :3] = img
         rgba_out[..., 3] = 0.0
         if user_plate is None:
-            plate_out.copy_(_Upsampler(plate_small, f, H, W).rows(0, H).permute(1, 2, 0))
+            plate_t = torch.from_numpy(np.ascontiguousarray(plate_small))[None].to(dev)
+            plate_out.copy_(_Upsampler(plate_t, f, H, W).rows(0, H).permute(1, 2, 0))
         else:
             plate_out.copy_(user_plate)
-        return key
+        return key_t
 
     # ---- alpha terms at low res: a = <d, e>_M / <e, e>_M = d . u with u = M e / <e, e>_M  (eq. 1)
     e_small = fl_small - plate_small
-    gv = torch.tensor(_GREY, device=img.device)
-    metric = (torch.eye(3, device=img.device) + (opt["key_weight"] - 1.0) * torch.outer(k, k)
-              + (opt["grey_weight"] - 1.0) * torch.outer(gv, gv))  # M of eq. (1), 3x3 symmetric
-    me = (metric @ e_small.reshape(3, -1)).view_as(e_small)
-    u = me / (e_small * me).sum(1, keepdim=True).clamp_min(1e-3)
-    inv_sb = _key_signal_p(plate_small, k, n)[:, None].clamp_min(1e-3).reciprocal()
+    kk, gv = kn[0].astype(np.float64), np.array(_GREY)
+    metric = (np.eye(3) + (opt["key_weight"] - 1.0) * np.outer(kk, kk)
+              + (opt["grey_weight"] - 1.0) * np.outer(gv, gv)).astype(_F32)  # M of eq. (1), 3x3 symmetric
+    me = (metric @ e_small.reshape(3, -1)).reshape(e_small.shape)
+    u = me / np.maximum((e_small * me).sum(0, keepdims=True), _F32(1e-3))
+    inv_sb = 1.0 / np.maximum(_ksig(plate_small, kn), _F32(1e-3))[None]
     maps = [u, inv_sb] if user_plate is not None else [plate_small, u, inv_sb]
+    low = torch.from_numpy(np.concatenate(maps + [e_small], 0))[None].to(dev)
+    nm = low.shape[1] - 3
+    low1 = low[:, :nm]
     if bounds is not None:
-        maps += list(bounds)
-    up1 = _Upsampler(torch.cat(maps, 1), f, H, W)
-    up2 = _Upsampler(e_small, f, H, W)
-    _full_res(img, user_plate, up1, up2, k, n, noise, opt, alpha_out, rgba_out, plate_out, bounds is not None)
-    return key
+        low1 = torch.cat([low1] + list(bounds), 1)
+    up1 = _Upsampler(low1, f, H, W)
+    up2 = _Upsampler(low[:, nm:], f, H, W)
+    _full_res(img, user_plate, up1, up2, k.to(dev), n.to(dev), noise, opt, alpha_out, rgba_out, plate_out,
+              bounds is not None)
+    return key_t
 
 
 def _box5(x: torch.Tensor, r: int) -> torch.Tensor:
@@ -856,9 +972,8 @@ def _full_res(img, user_plate, up1, up2, k, n, noise, opt, alpha_out, rgba_out, 
     on strided channels is several times slower on a CPU); a single-band image keeps it for pass 2.
     """
     H, W, _ = img.shape
-    chunk = opt["chunk_pixels"] or min(max(H * W // 4, 1 << 16), 1 << 19)
+    chunk = opt["chunk_pixels"] or min(max(H * W // 4, 1 << 17), 1 << 19)
     rows = max(2, chunk // W // 2 * 2)  # even: bands align with the half-resolution grid
-    single = rows >= H
     t = min(max(opt["noise_clip"] * noise, 0.004), 0.15)
     a_d = max(opt["decontaminate"], 1e-3)
     spill = opt["despill"]
@@ -871,65 +986,71 @@ def _full_res(img, user_plate, up1, up2, k, n, noise, opt, alpha_out, rgba_out, 
     g_buf = torch.empty(H, W, device=img.device) if r > 0 else None
     bnd_buf = torch.empty(2, H, W, device=img.device) if has_bounds else None
     planar = lambda y0, y1: img[y0:y1].permute(2, 0, 1).contiguous()  # noqa: E731
-    Ip = None
-    for y0 in range(0, H, rows):
-        y1 = min(H, y0 + rows)
-        Ip = planar(y0, y1)
-        m = up1.rows(y0, y1)
-        if user_plate is None:
-            B, u, inv_sb, rest = m[0:3], m[3:6], m[6], m[7:]
+
+    def pass1(lo, hi):  # rows lo..hi in bands; returns the planar copy of a span that is a single band
+        Ip = None
+        for y0 in range(lo, hi, rows):
+            y1 = min(hi, y0 + rows)
+            Ip = planar(y0, y1)
+            m = up1.rows(y0, y1)
+            if user_plate is None:
+                B, u, inv_sb, rest = m[0:3], m[3:6], m[6], m[7:]
+                for c in range(3):
+                    plate_out[y0:y1, :, c] = B[c]
+            else:
+                B, u, inv_sb, rest = user_plate[y0:y1].permute(2, 0, 1), m[0:3], m[3], m[4:]
+                plate_out[y0:y1] = user_plate[y0:y1]
+            d = (Ip - B).mul_(u)
+            a_buf[y0:y1] = soft_clip(d[0].add_(d[1]).add_(d[2]), t)
+            if has_bounds:
+                bnd_buf[:, y0:y1] = rest
+            if g_buf is not None:  # g = 1 - s(I) / s(B); I.k and I.n in one small matrix product
+                ikn = torch.mm(kn, Ip.view(3, -1)).view(2, y1 - y0, W)
+                ik = ikn[0].mul_(-SQ6_2).add_(ikn[1].abs_(), alpha=SQ2_2)
+                torch.mul(ik, inv_sb, out=g_buf[y0:y1]).add_(1.0)
+        return Ip if hi - lo <= rows else None
+
+    def pass2(lo, hi, Ip):
+        for y0 in range(lo, hi, rows):
+            y1 = min(hi, y0 + rows)
+            if g_buf is not None:
+                # fast guided filter: window statistics and the linear model a ~ A g + b at half
+                # resolution, A and b bilinearly upsampled and applied to the full-resolution guide
+                ya, yb = max(0, y0 - halo), min(H, y1 + halo)
+                low = _half(torch.stack([g_buf[ya:yb], a_buf[ya:yb]])[None])[0]
+                gl, pl = low[0], low[1]
+                mean = _box5(torch.stack([gl, pl, gl * pl, gl * gl]), rl)
+                mg, mp = mean[0], mean[1]
+                A = (mean[2] - mg * mp).div_(mean[3].sub_(mg * mg).add_(eps))
+                coef = _upf(_box5(torch.stack([A, mp.sub_(A * mg)]), rl)[None], 2)[0, :, y0 - ya: y1 - ya, :W]
+                a = soft_clip(coef[0].mul(g_buf[y0:y1]).add_(coef[1]), t)
+            else:
+                a = a_buf[y0:y1]
+            if has_bounds:
+                a = torch.minimum(torch.maximum(a, bnd_buf[0, y0:y1]), bnd_buf[1, y0:y1])
+            alpha_out[y0:y1] = a
+            # F = F_l + (d - a e) / max(a, a_d) = B + p d + q e,  p = 1 / max(a, a_d),  q = 1 - a p;
+            # the default a_d = 1 gives F = I + (1 - a) e
+            I = Ip if Ip is not None else planar(y0, y1)
+            e = up2.rows(y0, y1)
+            if a_d >= 1.0:
+                fg = torch.addcmul(I, torch.ones_like(a).sub_(a), e)
+            else:
+                Bi = plate_out[y0:y1].permute(2, 0, 1)
+                pinv = a.clamp_min(a_d).reciprocal_()
+                q = torch.addcmul(torch.ones_like(a), a, pinv, value=-1.0)
+                fg = torch.addcmul(Bi, pinv, I - Bi).addcmul_(q, e)
+            if spill > 0:  # F -= spill * max(s(F), 0) * 2/sqrt(6) * k
+                fkn = torch.mm(kn, fg.view(3, -1)).view(2, y1 - y0, W)
+                s = fkn[0].mul_(SQ6_2).sub_(fkn[1].abs_(), alpha=SQ2_2).clamp_min_(0).mul_(spill / SQ6_2)
+                fg.addcmul_(kcol, s, value=-1.0)
+            fg.clamp_(0, 1)
+            out = rgba_out[y0:y1]
             for c in range(3):
-                plate_out[y0:y1, :, c] = B[c]
-        else:
-            B, u, inv_sb, rest = user_plate[y0:y1].permute(2, 0, 1), m[0:3], m[3], m[4:]
-        d = (Ip - B).mul_(u)
-        a_buf[y0:y1] = soft_clip(d[0].add_(d[1]).add_(d[2]), t)
-        if has_bounds:
-            bnd_buf[:, y0:y1] = rest
-        if g_buf is not None:  # g = 1 - s(I) / s(B); I.k and I.n in one small matrix product
-            ikn = torch.mm(kn, Ip.view(3, -1)).view(2, y1 - y0, W)
-            ik = ikn[0].mul_(-SQ6_2).add_(ikn[1].abs_(), alpha=SQ2_2)
-            torch.mul(ik, inv_sb, out=g_buf[y0:y1]).add_(1.0)
-    if user_plate is not None:
-        plate_out.copy_(user_plate)
-    for y0 in range(0, H, rows):
-        y1 = min(H, y0 + rows)
-        if g_buf is not None:
-            # fast guided filter: window statistics and the linear model a ~ A g + b at half resolution,
-            # A and b bilinearly upsampled and applied to the full-resolution guide
-            ya, yb = max(0, y0 - halo), min(H, y1 + halo)
-            low = _half(torch.stack([g_buf[ya:yb], a_buf[ya:yb]])[None])[0]
-            gl, pl = low[0], low[1]
-            mean = _box5(torch.stack([gl, pl, gl * pl, gl * gl]), rl)
-            mg, mp = mean[0], mean[1]
-            A = (mean[2] - mg * mp).div_(mean[3].sub_(mg * mg).add_(eps))
-            coef = _upf(_box5(torch.stack([A, mp.sub_(A * mg)]), rl)[None], 2)[0, :, y0 - ya: y1 - ya, :W]
-            a = soft_clip(coef[0].mul(g_buf[y0:y1]).add_(coef[1]), t)
-        else:
-            a = a_buf[y0:y1]
-        if has_bounds:
-            a = torch.minimum(torch.maximum(a, bnd_buf[0, y0:y1]), bnd_buf[1, y0:y1])
-        alpha_out[y0:y1] = a
-        # F = F_l + (d - a e) / max(a, a_d) = B + p d + q e,  p = 1 / max(a, a_d),  q = 1 - a p;
-        # the default a_d = 1 gives F = I + (1 - a) e
-        I = Ip if single else planar(y0, y1)
-        e = up2.rows(y0, y1)
-        if a_d >= 1.0:
-            fg = torch.addcmul(I, torch.ones_like(a).sub_(a), e)
-        else:
-            Bi = plate_out[y0:y1].permute(2, 0, 1)
-            pinv = a.clamp_min(a_d).reciprocal_()
-            q = torch.addcmul(torch.ones_like(a), a, pinv, value=-1.0)
-            fg = torch.addcmul(Bi, pinv, I - Bi).addcmul_(q, e)
-        if spill > 0:  # F -= spill * max(s(F), 0) * 2/sqrt(6) * k
-            fkn = torch.mm(kn, fg.view(3, -1)).view(2, y1 - y0, W)
-            s = fkn[0].mul_(SQ6_2).sub_(fkn[1].abs_(), alpha=SQ2_2).clamp_min_(0).mul_(spill / SQ6_2)
-            fg.addcmul_(kcol, s, value=-1.0)
-        fg.clamp_(0, 1)
-        out = rgba_out[y0:y1]
-        for c in range(3):
-            out[..., c] = fg[c]
-        out[..., 3] = a
+                out[..., c] = fg[c]
+            out[..., 3] = a
+
+    pass2(0, H, pass1(0, H))
 
 
 def _no_screen(img, key, index, reason, alpha_out, rgba_out, plate_out, warnings, opt):
@@ -941,4 +1062,4 @@ def _no_screen(img, key, index, reason, alpha_out, rgba_out, plate_out, warnings
     rgba_out[..., :3] = img
     rgba_out[..., 3] = 1.0
     plate_out.copy_(img)
-    return key
+    return torch.as_tensor(np.asarray(key, dtype=np.float32), device=img.device)
