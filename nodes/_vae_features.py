@@ -5,7 +5,8 @@ The tap is the input of ``first_stage_model.decoder.norm_out`` - what the LDM ``
 call, so the RGB is produced by exactly the code ``comfy.sd.VAE.decode`` runs (same dtype/device moves,
 same ``process_output``). The tiling and blending live in ``diffusion_matting.py.matting_head``; this
 module never calls ``vae.decode`` (whose silent OOM fallback would decode in tiles and fire the hook per
-tile).
+tile). The ``decode_fn`` carries a :class:`~diffusion_matting.py.decoder_tiles.TiledDecoder` (``.tiled``)
+over the same LDM decoder, so tiled decoding shares GroupNorm statistics across tiles (exact tiling).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Callable
 
 import torch
 
+from ..py.decoder_tiles import TiledDecoder, UnsupportedDecoder, ldm_decoder_plan
 from ..py.errors import UserError
 from ..py.matting_head import _join_captures
 
@@ -33,9 +35,12 @@ def comfy_feature_channels(vae) -> int:
     return int(comfy_norm_out(vae).num_channels)
 
 
-def comfy_decode_fn(vae) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+def comfy_decode_fn(vae, store_device=None) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
     """``decode_fn`` over a ``comfy.sd.VAE``: RGB ``[B,3,H,W]`` 0..1 on ``vae.output_device`` (bit-identical
     to the corresponding slice of ``vae.decode`` before its ``movedim``) and the feature on ``vae.device``.
+    Its ``.tiled`` attribute is the shared-statistics tiled decoder over the same modules (None if the
+    decoder's up path has layers it cannot split); ``store_device`` is where that keeps whole-image stage
+    tensors (default ``vae.device``).
 
     The caller loads the VAE first (``comfy.model_management.load_models_gpu([vae.patcher], ...)``).
     """
@@ -53,6 +58,13 @@ def comfy_decode_fn(vae) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.T
         rgb = vae.process_output(out.to(vae.output_device).float())
         return rgb, _join_captures(captured, rgb, "ComfyUI VAE")
 
+    try:
+        plan = ldm_decoder_plan(vae.first_stage_model.decoder)
+    except UnsupportedDecoder:
+        plan = None
+    decode_fn.tiled = None if plan is None else TiledDecoder(
+        plan, run_decode=lambda z: vae.first_stage_model.decode(z.to(vae.vae_dtype).to(vae.device)),
+        post=lambda x: vae.process_output(x.to(vae.output_device).float()), store_device=store_device)
     return decode_fn
 
 

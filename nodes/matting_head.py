@@ -19,7 +19,7 @@ import torch
 from comfy_api.latest import io
 
 from ..py.errors import UserError
-from ..py.matting_head import MattingHeadInfo, decode_with_matte, load_matting_head, tile_starts
+from ..py.matting_head import MattingHeadInfo, decode_jobs, decode_with_matte, load_matting_head
 from ._common import ALPHA_TIP, check_interrupt, log, model_file, out_device, progress, register_model_folder
 from ._vae_features import comfy_decode_fn, comfy_feature_channels
 
@@ -42,6 +42,11 @@ class MattingHeadModel:
         self.name = name
         self.patcher = comfy.model_patcher.ModelPatcher(head, load_device=mm.get_torch_device(),
                                                         offload_device=mm.unet_offload_device())
+
+    @property
+    def radius(self) -> int:
+        """Context (feature px) a tile needs around it for an exact head output."""
+        return self.head.radius
 
     def __call__(self, feature: torch.Tensor) -> torch.Tensor:
         # manual_cast ops follow the feature's device; the head computes in float32 (it is tiny)
@@ -75,8 +80,25 @@ class MattingHeadLoader(io.ComfyNode):
         return io.NodeOutput(MattingHeadModel(head, info, head_name))
 
 
-def _decode_chunk(vae, latents, head, tile, overlap, pbar):
-    decode_fn = comfy_decode_fn(vae)
+def _store_device(vae, latents, tile, channels):
+    """Where tiled decoding keeps its whole-image stage tensors: the VAE's device when ~3 of the largest
+    (full-resolution, ``channels`` wide) fit comfortably in its free memory, else the intermediate device."""
+    if not tile:
+        return None
+    ratio = vae.spacial_compression_decode()
+    B, _, h, w = latents.shape
+    itemsize = torch.empty((), dtype=vae.vae_dtype).element_size()
+    need = 4 * B * channels * h * w * ratio * ratio * itemsize
+    if mm.get_free_memory(vae.device) > 2 * need:
+        return vae.device
+    return mm.intermediate_device()
+
+
+def _decode_chunk(vae, latents, head, tile, overlap, pbar, channels):
+    decode_fn = comfy_decode_fn(vae, store_device=_store_device(vae, latents, tile, channels))
+    if tile and decode_fn.tiled is None:
+        log.warning("VAE Decode with Matte: this decoder cannot be split with shared GroupNorm statistics; "
+                    "tiles are decoded independently (approximate, as any tiled VAE decode)")
 
     def on_tile(done, total):
         pbar.update(1)
@@ -103,9 +125,12 @@ class VAEDecodeWithMatte(io.ComfyNode):
                                       tooltip="From Load Matting Head. Unlinked: GreenPost keys the decoded RGB."),
                 io.Int.Input("tile_size", default=0, min=0, max=8192, step=64,
                              tooltip="Decode in tiles of this many pixels (0 = one pass; falls back to "
-                                     f"{AUTO_TILE_PX} px tiles if that runs out of memory)."),
+                                     f"{AUTO_TILE_PX} px tiles if that runs out of memory). GroupNorm statistics "
+                                     "are shared across tiles, so the tiled image and matte match the one-pass "
+                                     "decode."),
                 io.Int.Input("overlap", default=64, min=0, max=2048, step=8,
-                             tooltip="Tile overlap in pixels; image and matte are cross-faded across it."),
+                             tooltip="Tile overlap in pixels; image and matte are cross-faded across it with the "
+                                     "same weights."),
             ],
             outputs=[
                 io.Image.Output("image", display_name="image"),
@@ -153,15 +178,17 @@ class VAEDecodeWithMatte(io.ComfyNode):
         models = [vae.patcher] + ([head.patcher] if head is not None else [])
         mm.load_models_gpu(models, memory_required=need, force_full_load=vae.disable_offload)
         batch = min(B, max(1, int(mm.get_free_memory(vae.device) / max(1, need))))
-        per_chunk = len(tile_starts(lh, th, ov)) * len(tile_starts(lw, tw, ov)) if tile else 1
-        pbar = progress(per_chunk * ((B + batch - 1) // batch))
+        jobs = 0
+        for i in range(0, B, batch):
+            jobs += decode_jobs(latents[i:i + batch].shape, comfy_decode_fn(vae), tile, ov)
+        pbar = progress(jobs)
 
-        images, mattes, passes, fell_back = [], [], 0, False
+        images, mattes, passes, fell_back, shared = [], [], 0, False, True
         for i in range(0, B, batch):
             chunk = latents[i:i + batch]
             res = None
             try:
-                res = _decode_chunk(vae, chunk, head, tile, ov, pbar)
+                res = _decode_chunk(vae, chunk, head, tile, ov, pbar, channels)
             except mm.OOM_EXCEPTION as exc:
                 if isinstance(exc, (UserError, mm.InterruptProcessingException)) or tile:
                     raise
@@ -170,8 +197,9 @@ class VAEDecodeWithMatte(io.ComfyNode):
                             "(image and matte blended with the same weights)", AUTO_TILE_PX)
                 fell_back = True
                 mm.soft_empty_cache()
-                res = _decode_chunk(vae, chunk, head, AUTO_TILE_PX // ratio, AUTO_OVERLAP_PX // ratio, pbar)
+                res = _decode_chunk(vae, chunk, head, AUTO_TILE_PX // ratio, AUTO_OVERLAP_PX // ratio, pbar, channels)
             passes += res.tiles
+            shared = shared and (res.tiles == 1 or res.shared_stats)
             images.append(res.rgb.movedim(1, -1))
             if res.matte is not None:
                 mattes.append(res.matte[:, 0])
@@ -187,7 +215,9 @@ class VAEDecodeWithMatte(io.ComfyNode):
                    "linked)")
             log.info("VAE Decode with Matte: no matting head linked; alpha from GreenPost on the decoded image")
         if passes > (B + batch - 1) // batch or fell_back:
-            how += f"; decoded in {passes} tiled passes" + (" after an out-of-memory fallback" if fell_back else "")
+            how += (f"; decoded in {passes} tiles"
+                    + (" (GroupNorm statistics shared across tiles)" if shared else " (independent tiles, approximate)")
+                    + (" after an out-of-memory fallback" if fell_back else ""))
         return io.NodeOutput(image, alpha.clamp(0, 1), how)
 
 

@@ -13,9 +13,11 @@ This module holds:
 * :func:`save_matting_head` / :func:`load_matting_head` - safetensors with format metadata (never pickle);
 * :func:`decode_with_features_diffusers` - ONE decoder pass of a diffusers ``AutoencoderKL`` returning the
   RGB exactly as ``vae.decode(latents).sample`` plus the tapped feature (forward pre-hook);
-* :func:`decode_with_matte` - the tiling/blending core used by the CLI, the tests and the ComfyUI node. It
+* :func:`decode_with_matte` - the tiling/blending core used by the tests and the ComfyUI node. It
   takes a callable ``decode_fn(latent_tile) -> (rgb_tile, feature_tile)`` so it does not care which VAE
-  implementation (diffusers, ComfyUI) runs the decoder.
+  implementation (diffusers, ComfyUI) runs the decoder; a ``decode_fn`` that carries a
+  :class:`~diffusion_matting.py.decoder_tiles.TiledDecoder` (``.tiled``) is tiled with GroupNorm statistics
+  shared across tiles, which makes tiled == untiled up to float rounding.
 
 Tensor layouts here are the decoder's: latents ``[B,C,h,w]``, RGB ``[B,3,H,W]`` (whatever range the
 decode_fn gives: diffusers -1..1, ComfyUI 0..1), feature ``[B,128,H,W]``, head output ``[B,1,H,W]`` in
@@ -89,6 +91,11 @@ class MattingHead(nn.Module):
         self.conv1 = operations.Conv2d(c.in_channels, c.hidden, k, padding=k // 2, device=device, dtype=dtype)
         self.act = nn.SiLU()
         self.conv2 = operations.Conv2d(c.hidden, 1, k, padding=k // 2, device=device, dtype=dtype)
+
+    @property
+    def radius(self) -> int:
+        """Receptive radius in feature px (two k x k convs): tiles need this much context."""
+        return 2 * (self.config.kernel_size // 2)
 
     def logits(self, feature: torch.Tensor) -> torch.Tensor:
         if feature.ndim != 4 or feature.shape[1] != self.config.in_channels:
@@ -258,7 +265,8 @@ def _join_captures(captured: list[torch.Tensor], rgb: torch.Tensor, what: str) -
 class MatteDecode(NamedTuple):
     rgb: torch.Tensor              # [B,3,H,W] as decode_fn returns it (range of the VAE wrapper)
     matte: torch.Tensor | None     # [B,1,H,W] head output 0..1 (1 = foreground), None without a head
-    tiles: int                     # decoder passes made (1 = untiled)
+    tiles: int                     # output tiles blended (1 = untiled, one decoder pass)
+    shared_stats: bool = False     # tiled with whole-image GroupNorm statistics (exact) vs independent tiles
 
 
 def tile_starts(size: int, tile: int, overlap: int) -> list[int]:
@@ -287,28 +295,88 @@ def feather_1d(length: int, ramp: int, left: bool, right: bool, device=None) -> 
     return w
 
 
+class _Blender:
+    """Accumulates overlapping output tiles (RGB and head output with the SAME feathered weights)."""
+
+    def __init__(self, h: int, w: int, overlap: int, out_device):
+        self.h, self.w, self.overlap, self.out_device = h, w, overlap, out_device
+        self.rgb = self.matte = self.weight = None
+
+    def add(self, y0: int, x0: int, th: int, tw: int, rgb_t: torch.Tensor, matte_t: torch.Tensor | None) -> None:
+        h, w = self.h, self.w
+        scale = rgb_t.shape[-1] // tw
+        if scale < 1 or rgb_t.shape[-1] != tw * scale or rgb_t.shape[-2] != th * scale:
+            raise RuntimeError(f"decoder returned {tuple(rgb_t.shape)} for a {th}x{tw} latent tile "
+                               "(not an integer upscale)")
+        if self.rgb is None:
+            dev = self.out_device if self.out_device is not None else rgb_t.device
+            B = rgb_t.shape[0]
+            self.rgb = torch.zeros((B, rgb_t.shape[1], h * scale, w * scale), device=dev, dtype=torch.float32)
+            self.weight = torch.zeros((1, 1, h * scale, w * scale), device=dev, dtype=torch.float32)
+            if matte_t is not None:
+                self.matte = torch.zeros((B, 1, h * scale, w * scale), device=dev, dtype=torch.float32)
+        dev = self.rgb.device
+        ramp = self.overlap * scale
+        wy = feather_1d(th * scale, ramp, y0 > 0, y0 + th < h, dev)
+        wx = feather_1d(tw * scale, ramp, x0 > 0, x0 + tw < w, dev)
+        wt = (wy[:, None] * wx[None, :])[None, None]
+        Y, X, Hs, Ws = y0 * scale, x0 * scale, th * scale, tw * scale
+        self.rgb[:, :, Y:Y + Hs, X:X + Ws] += rgb_t.to(dev, torch.float32) * wt
+        if self.matte is not None:
+            self.matte[:, :, Y:Y + Hs, X:X + Ws] += matte_t.to(dev, torch.float32) * wt
+        self.weight[:, :, Y:Y + Hs, X:X + Ws] += wt
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        rgb = self.rgb / self.weight
+        matte = (self.matte / self.weight).clamp_(0, 1) if self.matte is not None else None
+        return rgb, matte
+
+
+def _tile_grid(h: int, w: int, tile: int, overlap: int):
+    th = tw = tile if tile else max(h, w)
+    th, tw = min(th, h), min(tw, w)
+    if tile and (th < h or tw < w):
+        overlap = max(0, min(overlap, min(th, tw) // 2))
+    return th, tw, overlap, tile_starts(h, th, overlap), tile_starts(w, tw, overlap)
+
+
+def decode_jobs(latent_shape, decode_fn, tile: int = 0, overlap: int = 8, shared_stats: bool = True) -> int:
+    """How many times :func:`decode_with_matte` calls ``on_tile`` for these arguments (progress bars)."""
+    h, w = latent_shape[-2:]
+    th, tw, overlap, ys, xs = _tile_grid(h, w, tile, overlap)
+    n = len(ys) * len(xs)
+    tiled = getattr(decode_fn, "tiled", None)
+    if n > 1 and shared_stats and tiled is not None:
+        n += tiled.steps(h, w, (th, tw))
+    return n
+
+
 def decode_with_matte(latents: torch.Tensor,
                       decode_fn: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
                       head: Callable[[torch.Tensor], torch.Tensor] | None = None,
                       tile: int = 0, overlap: int = 8, out_device=None,
-                      on_tile: Callable[[int, int], None] | None = None) -> MatteDecode:
+                      on_tile: Callable[[int, int], None] | None = None,
+                      shared_stats: bool = True) -> MatteDecode:
     """Decode ``latents`` ``[B,C,h,w]`` with ``decode_fn`` and run ``head`` on the tapped feature.
 
     ``tile`` / ``overlap`` are in latent pixels; ``tile=0`` (or a tile covering the latent) decodes in one
-    pass. Tiled, each tile's RGB *and* head output are accumulated with the same feathered weights (linear
-    cross-fade across the overlap), so the full-resolution 128-channel feature never exists for the whole
-    image. ``on_tile(done, total)`` is called after each tile (progress bars, interrupts).
+    pass. Tiled, each output tile's RGB *and* head output are accumulated with the same feathered weights
+    (linear cross-fade across the overlap).
+
+    If ``decode_fn`` carries a ``tiled`` attribute (a :class:`decoder_tiles.TiledDecoder`, as
+    :func:`diffusers_decode_fn` and the ComfyUI glue provide) and ``shared_stats`` is true, the tiles are
+    computed stage by stage with every GroupNorm using the statistics of the whole image and with
+    receptive-field halos, so tiled == untiled up to float rounding (see :mod:`decoder_tiles` for the cost).
+    Otherwise each tile is an independent ``decode_fn`` call (per-tile GroupNorm statistics and attention:
+    an approximation everywhere, as in any plain tiled VAE decode). ``on_tile(done, total)`` is called after
+    each tile job (progress bars, interrupts); :func:`decode_jobs` gives ``total`` in advance.
     """
     if latents.ndim != 4:
         raise UserError(f"latents: expected [B,C,h,w], got shape {tuple(latents.shape)}")
     B, _, h, w = latents.shape
     if tile < 0:
         raise UserError(f"tile must be >= 0 latent px, got {tile}")
-    th = tw = tile if tile else max(h, w)
-    th, tw = min(th, h), min(tw, w)
-    if tile and (th < h or tw < w):
-        overlap = max(0, min(overlap, min(th, tw) // 2))
-    ys, xs = tile_starts(h, th, overlap), tile_starts(w, tw, overlap)
+    th, tw, overlap, ys, xs = _tile_grid(h, w, tile, overlap)
     total = len(ys) * len(xs)
 
     if total == 1:
@@ -322,45 +390,62 @@ def decode_with_matte(latents: torch.Tensor,
             matte = matte.to(out_device) if matte is not None else None
         return MatteDecode(rgb, matte, 1)
 
-    rgb_acc = matte_acc = w_acc = None
-    scale = None
+    blend = _Blender(h, w, overlap, out_device)
+    tiled = getattr(decode_fn, "tiled", None) if shared_stats else None
+    jobs = decode_jobs(latents.shape, decode_fn, tile, overlap, shared_stats)
     done = 0
-    for y0 in ys:
-        for x0 in xs:
-            rgb_t, feat_t = decode_fn(latents[:, :, y0:y0 + th, x0:x0 + tw])
-            matte_t = head(feat_t) if head is not None else None
-            del feat_t
-            if scale is None:
-                scale = rgb_t.shape[-1] // tw
-                if scale < 1 or rgb_t.shape[-1] != tw * scale or rgb_t.shape[-2] != th * scale:
-                    raise RuntimeError(f"decode_fn returned {tuple(rgb_t.shape)} for a {th}x{tw} latent tile "
-                                       "(not an integer upscale)")
-                dev = out_device if out_device is not None else rgb_t.device
-                rgb_acc = torch.zeros((B, rgb_t.shape[1], h * scale, w * scale), device=dev, dtype=torch.float32)
-                w_acc = torch.zeros((1, 1, h * scale, w * scale), device=dev, dtype=torch.float32)
-                if matte_t is not None:
-                    matte_acc = torch.zeros((B, 1, h * scale, w * scale), device=dev, dtype=torch.float32)
-            dev = rgb_acc.device
-            ramp = overlap * scale
-            wy = feather_1d(th * scale, ramp, y0 > 0, y0 + th < h, dev)
-            wx = feather_1d(tw * scale, ramp, x0 > 0, x0 + tw < w, dev)
-            wt = (wy[:, None] * wx[None, :])[None, None]
-            Y, X, Hs, Ws = y0 * scale, x0 * scale, th * scale, tw * scale
-            rgb_acc[:, :, Y:Y + Hs, X:X + Ws] += rgb_t.to(dev, torch.float32) * wt
-            if matte_acc is not None:
-                matte_acc[:, :, Y:Y + Hs, X:X + Ws] += matte_t.to(dev, torch.float32) * wt
-            w_acc[:, :, Y:Y + Hs, X:X + Ws] += wt
-            done += 1
-            if on_tile:
-                on_tile(done, total)
-    rgb = rgb_acc / w_acc
-    matte = (matte_acc / w_acc).clamp_(0, 1) if matte_acc is not None else None
-    return MatteDecode(rgb, matte, total)
+
+    def step():
+        nonlocal done
+        done += 1
+        if on_tile:
+            on_tile(done, jobs)
+
+    if tiled is None:
+        for y0 in ys:
+            for x0 in xs:
+                rgb_t, feat_t = decode_fn(latents[:, :, y0:y0 + th, x0:x0 + tw])
+                matte_t = head(feat_t) if head is not None else None
+                del feat_t
+                blend.add(y0, x0, th, tw, rgb_t, matte_t)
+                step()
+    else:
+        feature, stats = tiled.features(latents, (th, tw), step)
+        plan, dev = tiled.plan, tiled.compute_device
+        affine = stats.affine(plan.norm_out, dev)
+        s = plan.upscale
+        halo = max(plan.out_radius, int(getattr(head, "radius", 8)) if head is not None else 0)
+        H, W = feature.shape[-2:]
+        for y0 in ys:
+            for x0 in xs:
+                Y0, Y1, X0, X1 = y0 * s, (y0 + th) * s, x0 * s, (x0 + tw) * s
+                ya, yb, xa, xb = max(0, Y0 - halo), min(H, Y1 + halo), max(0, X0 - halo), min(W, X1 + halo)
+                rgb_t, matte_t = tiled.finish(feature[..., ya:yb, xa:xb].to(dev), affine, head)
+                crop = (..., slice(Y0 - ya, Y1 - ya), slice(X0 - xa, X1 - xa))
+                blend.add(y0, x0, th, tw, rgb_t[crop], matte_t[crop] if matte_t is not None else None)
+                del rgb_t, matte_t
+                step()
+        del feature
+    rgb, matte = blend.result()
+    return MatteDecode(rgb, matte, len(ys) * len(xs), tiled is not None)
 
 
-def diffusers_decode_fn(vae) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-    """``decode_fn`` for :func:`decode_with_matte` over a diffusers ``AutoencoderKL`` (RGB in -1..1)."""
-    return lambda z: decode_with_features_diffusers(vae, z)
+def diffusers_decode_fn(vae, store_device=None) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """``decode_fn`` for :func:`decode_with_matte` over a diffusers ``AutoencoderKL`` (RGB in -1..1); it
+    carries a shared-statistics :class:`~decoder_tiles.TiledDecoder` as ``.tiled`` (``store_device``: where
+    the whole-image stage tensors live; default the VAE's device)."""
+    from .decoder_tiles import TiledDecoder, diffusers_decoder_plan
+
+    def decode_fn(z):
+        return decode_with_features_diffusers(vae, z)
+
+    def run_decode(z):
+        if getattr(vae, "use_slicing", False) or getattr(vae, "use_tiling", False):
+            raise UserError("shared-statistics tiling: disable the VAE's own slicing/tiling")
+        return vae.decode(z)
+
+    decode_fn.tiled = TiledDecoder(diffusers_decoder_plan(vae.decoder), run_decode, store_device=store_device)
+    return decode_fn
 
 
 # ------------------------------------------------------------------------------------------- metrics

@@ -146,23 +146,21 @@ def test_decode_node_with_head_untiled_and_tiled(env):
     assert "matting head 'mh_test.safetensors'" in how and "GreenPost" not in how
     assert float(alpha.std()) > 0.1
     assert not alpha.requires_grad and not image.requires_grad
-    # tiled: 48 px tiles (6 latent px) with 16 px overlap -> 2 x 2 tiles per image
+    # tiled: 48 px tiles (6 latent px) with 16 px overlap -> 2 x 2 tiles per image, GroupNorm statistics
+    # shared across tiles: equal to the untiled decode up to float rounding (alpha < 1e-3, observed ~1e-6)
     t_image, t_alpha, t_how = m["DM_VAEDecodeWithMatte"].execute(samples={"samples": z}, vae=vae, matting_head=mh,
                                                                  tile_size=48, overlap=16).result
     assert t_image.shape == image.shape and t_alpha.shape == alpha.shape
-    assert "decoded in 4 tiled passes" in t_how
-    # random-weight VAE: per-tile GroupNorm statistics make tiled decoding an approximation everywhere
-    # (measured ~0.07 RGB / ~0.12 alpha mean |diff| here, head amplified x20); the blending is exact-tested
-    # in tier 1. Where only tile (0,0) covers a pixel (px 0..15: the next tile starts at latent 2 = px 16)
-    # the output IS that tile's own decode + head:
+    assert "decoded in 4 tiles (GroupNorm statistics shared across tiles)" in t_how
+    rgb_err, a_err = float((t_image - image).abs().max()), float((t_alpha - alpha).abs().max())
+    print({"tiled_rgb_max_abs": rgb_err, "tiled_alpha_max_abs": a_err})
+    assert rgb_err < 1e-3 and a_err < 1e-3
+    # independent tiles (what ComfyUI's own tiled decode does: per-tile GroupNorm statistics and attention)
+    # are far off, so the comparison above is not vacuous
+    from diffusion_matting.py.matting_head import decode_with_matte
     with torch.no_grad():
-        tile_img, tile_feat = vf.comfy_decode_with_features(vae, z[:, :, :6, :6])
-        tile_alpha = env["head"](tile_feat)[:, 0]
-    assert torch.allclose(t_image[:, :16, :16], tile_img[:, :16, :16], atol=1e-6)
-    assert torch.allclose(t_alpha[:, :16, :16], tile_alpha[:, :16, :16], atol=1e-6)
-    rgb_err, a_err = float((t_image - image).abs().mean()), float((t_alpha - alpha).abs().mean())
-    print({"tiled_rgb_mean_abs": rgb_err, "tiled_alpha_mean_abs": a_err})
-    assert rgb_err < 0.15 and a_err < 0.15
+        old = decode_with_matte(z, vf.comfy_decode_fn(vae), mh, tile=6, overlap=2, shared_stats=False)
+    assert float((old.matte[:, 0] - alpha).abs().mean()) > 0.01
 
 
 def test_decode_node_without_head_uses_greenpost(env):
@@ -214,7 +212,9 @@ def test_workflow_through_comfyui_executor(env):
 
 def test_out_of_memory_falls_back_to_own_tiling(env, monkeypatch):
     """An OOM in the one-pass decode retries with the pack's tiling (never ComfyUI's silent fallback, which
-    would fire the feature hook per tile); the result equals an explicitly tiled decode."""
+    would fire the feature hook per tile); the result equals an explicitly tiled decode. The OOM is
+    simulated in the full-resolution part (norm_out), which the shared-statistics tiling only reads
+    parameters of; its latent-resolution part runs once on the whole latent."""
     import sys
 
     m = env["m"]
@@ -225,19 +225,23 @@ def test_out_of_memory_falls_back_to_own_tiling(env, monkeypatch):
     z = _latents(4, seed=4, batch=1)
     tiled = node.execute(samples={"samples": z}, vae=vae, matting_head=mh, tile_size=32, overlap=16).result
     real_decode = vae.first_stage_model.decode
-    calls = []
+    norm_out = vae.first_stage_model.decoder.norm_out
+    calls, norm_calls = [], []
 
     def decode(x, **kw):
         calls.append(tuple(x.shape[-2:]))
-        if x.shape[-1] > 4:
-            raise torch.cuda.OutOfMemoryError("simulated")
         return real_decode(x, **kw)
 
+    def oom(x):
+        norm_calls.append(tuple(x.shape[-2:]))
+        raise torch.cuda.OutOfMemoryError("simulated")
+
     monkeypatch.setattr(vae.first_stage_model, "decode", decode)
+    monkeypatch.setattr(norm_out, "forward", oom)
     monkeypatch.setattr(mod, "AUTO_TILE_PX", 32)
     monkeypatch.setattr(mod, "AUTO_OVERLAP_PX", 16)
     image, alpha, how = node.execute(samples={"samples": z}, vae=vae, matting_head=mh, tile_size=0,
                                      overlap=64).result
-    assert calls[0] == (LAT, LAT) and len(calls) == 1 + 9 and set(calls[1:]) == {(4, 4)}
-    assert "after an out-of-memory fallback" in how and "9 tiled passes" in how
-    assert torch.equal(image, tiled[0]) and torch.equal(alpha, tiled[1])
+    assert calls == [(LAT, LAT), (LAT, LAT)] and norm_calls == [(PX, PX)]  # one-pass try, tiled prefix
+    assert "after an out-of-memory fallback" in how and "9 tiles" in how
+    assert torch.allclose(image, tiled[0], atol=1e-6) and torch.allclose(alpha, tiled[1], atol=1e-6)
