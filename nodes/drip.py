@@ -5,6 +5,7 @@
 * DRIP Conditioning: image + trimap (or coarse mask + radii) + VAE -> positive/negative CONDITIONING
   carrying the image/trimap latents (concat conditioning) and the switcher codes.
 * DRIP Latent: empty interleaved latent batch ``[fg_0, alpha_0, fg_1, alpha_1, ...]`` for KSampler.
+* DRIP ControlNet Hint: per-image hints pair-interleaved to line up with the DRIP latent batch.
 * DRIP Decode: KSampler output -> fg/alpha LATENTs, foreground IMAGE, alpha MASK (known trimap regions
   clamped), RGBA IMAGE (straight colour).
 * DRIP Sampler: all of the above in one node (any sampler/scheduler, N-seed median ensemble).
@@ -222,6 +223,28 @@ class DRIPLatent(io.ComfyNode):
         return io.NodeOutput(empty_latent(image))
 
 
+class DRIPControlNetHint(io.ComfyNode):
+    """ComfyUI repeats a hint batch whole to the latent batch ([h0, h1] -> [h0, h1, h0, h1]); DRIP's latent
+    batch is [fg0, alpha0, fg1, alpha1, ...], so per-image hints must come pair-interleaved."""
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="DM_DRIPControlNetHint",
+            display_name="DRIP ControlNet Hint",
+            category="matting/drip",
+            description="Per-image ControlNet hints for a DRIP batch: repeats each hint for the fg and alpha "
+                        "items of its image ([h0, h0, h1, h1, ...]) so Apply ControlNet pairs hint i with image "
+                        "i. A single hint needs no conversion (it is passed through).",
+            inputs=[io.Image.Input("hint", tooltip="one hint image per DRIP input image (or one for all)")],
+            outputs=[io.Image.Output("drip_hint", display_name="hint")],
+        )
+
+    @classmethod
+    def execute(cls, hint) -> io.NodeOutput:
+        return io.NodeOutput(hint if hint.shape[0] == 1 else hint.repeat_interleave(2, dim=0))
+
+
 class DRIPDecode(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -332,4 +355,5 @@ def sample_drip(model, vae, image, trimap, coarse_mask, erode_px, dilate_px, sam
             median(torch.stack(alphas)))
 
 
-NODES = [DRIPModelLoader, DRIPCrossDomainAttention, DRIPConditioning, DRIPLatent, DRIPDecode, DRIPSampler]
+NODES = [DRIPModelLoader, DRIPCrossDomainAttention, DRIPConditioning, DRIPLatent, DRIPControlNetHint, DRIPDecode,
+         DRIPSampler]

@@ -168,15 +168,20 @@ def test_strength_zero_equals_no_controlnet(comfy, setup):
 def test_per_image_hints_must_be_given_per_pair(comfy, setup):
     """ComfyUI broadcasts a hint batch to the latent batch by repeating it whole ([h0, h1] -> [h0, h1, h0,
     h1]), which would pair image 0's alpha with image 1's hint. Per-image hints for a DRIP batch are
-    given pair-interleaved ([h0, h0, h1, h1], e.g. ``hint.repeat_interleave(2, 0)``); then every
+    given pair-interleaved ([h0, h0, h1, h1]): the DRIP ControlNet Hint node does that; then every
     [fg_i, alpha_i] pair gets hint i."""
+    from diffusion_matting.nodes.drip import DRIPControlNetHint
+
     hints = torch.rand(2, H, W, 3, generator=torch.Generator().manual_seed(11))
+    paired = DRIPControlNetHint.execute(hints).result[0]
+    single = hints[:1]
+    assert DRIPControlNetHint.execute(single).result[0] is single  # one hint for all: passed through
     cn = _controlnet(setup["model"])
     seen = []
     undo = _spy(cn, seen)
     try:
         pos, neg = comfy.nodes.ControlNetApplyAdvanced().apply_controlnet(
-            setup["pos"], setup["neg"], cn, hints.repeat_interleave(2, 0), 0.7, 0.0, 1.0)
+            setup["pos"], setup["neg"], cn, paired, 0.7, 0.0, 1.0)
         _sample(comfy, setup, pos, neg)
     finally:
         undo()
