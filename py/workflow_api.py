@@ -236,8 +236,8 @@ class _Scope:
 
 
 class _Converter:
-    def __init__(self, workflow: dict, mappings: dict, strict: bool):
-        self.mappings, self.strict = mappings, strict
+    def __init__(self, workflow: dict, mappings: dict, strict: bool, display_names: dict | None = None):
+        self.mappings, self.strict, self.display_names = mappings, strict, display_names or {}
         self.subgraphs = {sg["id"]: sg for sg in (workflow.get("definitions") or {}).get("subgraphs") or []}
         if (workflow.get("extra") or {}).get("groupNodes"):
             raise WorkflowError("legacy group nodes (extra.groupNodes) are not supported; use subgraphs")
@@ -405,19 +405,21 @@ class _Converter:
             out[nid] = {"inputs": inputs, "class_type": ntype, "_meta": {"title": title}}
 
     def _display_name(self, ntype: str) -> str:
-        return getattr(self.mappings.get(ntype), "display_name", None) or ntype
+        return (self.display_names.get(ntype) or getattr(self.mappings.get(ntype), "display_name", None)
+                or ntype)
 
 
-def ui_to_api(workflow: dict, schemas: dict, strict: bool = False) -> dict:
+def ui_to_api(workflow: dict, schemas: dict, strict: bool = False, display_names: dict | None = None) -> dict:
     """Convert a UI-format workflow into an API-format prompt ``{id: {class_type, inputs, _meta}}``.
 
     ``schemas``: ``GET /object_info`` (``class_type -> info``) or ``class_type -> class``. ``strict`` fails
     on ``widgets_values`` that do not line up with the node schema; the default tolerates older files the
-    way the front end does (missing control values, trailing extras). An API-format prompt is returned
-    unchanged (a copy)."""
+    way the front end does (missing control values, trailing extras). ``display_names`` (``class_type ->
+    name``, e.g. ComfyUI's ``NODE_DISPLAY_NAME_MAPPINGS``) titles untitled nodes; otherwise the schema's
+    ``display_name``, else the class type. An API-format prompt is returned unchanged (a copy)."""
     if "nodes" not in workflow:
         if workflow and all(isinstance(v, dict) and "class_type" in v for v in workflow.values()):
             return {str(k): dict(v) for k, v in workflow.items()}
         raise WorkflowError("neither a UI-format workflow (no 'nodes') nor an API-format prompt")
     mappings = {k: (ObjectInfoSchema(v) if isinstance(v, dict) else v) for k, v in schemas.items()}
-    return _Converter(workflow, mappings, strict).convert()
+    return _Converter(workflow, mappings, strict, display_names).convert()

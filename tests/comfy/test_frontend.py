@@ -55,6 +55,7 @@ import pytest
 from PIL import Image
 
 import harness
+from diffusion_matting.py.workflow_api import ObjectInfoSchema  # an /object_info entry as a schema
 
 REPO = Path(__file__).resolve().parents[2]
 WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))
@@ -360,24 +361,8 @@ JS_FIT = """(() => {
 
 # ---- schema helpers ----------------------------------------------------------------------------------
 
-class _SchemaClass:
-    """Adapts an /object_info entry to what harness.widget_layout / map_widget_values read."""
-
-    def __init__(self, info: dict):
-        self.info = info
-
-    def INPUT_TYPES(self):  # noqa: N802 - the ComfyUI name
-        inputs, order = self.info.get("input") or {}, self.info.get("input_order") or {}
-        out = {}
-        for group in ("required", "optional"):
-            specs = inputs.get(group) or {}
-            names = order.get(group) or list(specs)
-            out[group] = {n: specs[n] for n in names if n in specs}
-        return out
-
-
 def expected_widgets(info: dict) -> list[str]:
-    return [n for n, kind in harness.widget_layout(_SchemaClass(info)) if kind == "value"]
+    return [n for n, kind in harness.widget_layout(ObjectInfoSchema(info)) if kind == "value"]
 
 
 def workflow_node_types(wf: dict) -> list[str]:
@@ -420,7 +405,7 @@ def _write_inputs(wf_paths: list[Path], object_info: dict, input_dir: Path) -> l
             info = object_info.get(node.get("type"))
             if not info:
                 continue
-            cls = _SchemaClass(info)
+            cls = ObjectInfoSchema(info)
             try:
                 values = harness.map_widget_values(cls, node.get("widgets_values"), strict=False)
             except harness.HarnessError:
@@ -644,7 +629,7 @@ def test_workflow_loads_in_frontend(frontend, path, tmp_path):
         if node["type"] in frontend.pack_ids:
             problems += check_pack_widgets(live, info, where)
         try:
-            values = harness.map_widget_values(_SchemaClass(info), node.get("widgets_values"), strict=True,
+            values = harness.map_widget_values(ObjectInfoSchema(info), node.get("widgets_values"), strict=True,
                                                where=where)
         except harness.HarnessError as e:
             problems.append(str(e))
@@ -743,7 +728,7 @@ def test_every_pack_node_shows_its_widgets(frontend, tmp_path):
         where = f"{node['type']}"
         problems += check_pack_widgets(node, info, where)
         widgets = {w["name"]: w for w in node["widgets"]}
-        for _g, name, _t, opts in harness.input_specs(_SchemaClass(info)):
+        for _g, name, _t, opts in harness.input_specs(ObjectInfoSchema(info)):
             w = widgets.get(name)
             if w is not None and "default" in opts and w["value"] != opts["default"] \
                     and not (w["options"] is not None and not w["options"]):
