@@ -114,16 +114,22 @@ def key_basis(key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Unit key direction ``k`` (chroma of ``key``), the other chroma axis ``n = unit(g x k)`` and the
     key's chroma magnitude ``|K - (K.g) g|``. A neutral key (grey/white/black) gets ``k`` = green's."""
     key = torch.as_tensor(key, dtype=torch.float32)
-    g = torch.tensor(_GREY, dtype=key.dtype, device=key.device)
-    c = key - (key @ g) * g
-    mag = float(c.norm())
-    if mag < 1e-6:
-        c = torch.tensor([-1.0, 2.0, -1.0], dtype=key.dtype, device=key.device)
-        c = c / c.norm()
-    else:
-        c = c / mag
-    n = torch.linalg.cross(g, c)
-    return c, n / n.norm(), mag
+    k, n, mag = _key_basis_np(key.detach().cpu().numpy())
+    return (torch.from_numpy(k).to(key.device), torch.from_numpy(n).to(key.device), mag)
+
+
+def _key_basis_np(key: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    """:func:`key_basis` in float64 scalar maths (float32 ``k`` and ``n``): a few operations on three
+    numbers, which cost several times less in plain Python than as array calls."""
+    kr, kg, kb = (float(v) for v in np.asarray(key, dtype=np.float64).reshape(3))
+    g = 1.0 / math.sqrt(3.0)
+    dot = (kr + kg + kb) * g
+    c = [kr - dot * g, kg - dot * g, kb - dot * g]
+    mag = math.sqrt(c[0] * c[0] + c[1] * c[1] + c[2] * c[2])
+    c = [-1.0 / math.sqrt(6.0), 2.0 / math.sqrt(6.0), -1.0 / math.sqrt(6.0)] if mag < 1e-6 else [v / mag for v in c]
+    n = [g * (c[2] - c[1]), g * (c[0] - c[2]), g * (c[1] - c[0])]  # g x c with g = (1, 1, 1) / sqrt(3)
+    nn = math.sqrt(n[0] * n[0] + n[1] * n[1] + n[2] * n[2])
+    return np.array(c, dtype=np.float32), np.array([v / nn for v in n], dtype=np.float32), mag
 
 
 def key_signal(x: torch.Tensor, k: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
@@ -138,16 +144,18 @@ def color_hex(rgb: Sequence[float]) -> str:
     return "#" + "".join(f"{int(round(min(max(float(c), 0.0), 1.0) * 255)):02x}" for c in rgb)
 
 
-def soft_clip(a: torch.Tensor, t: float) -> torch.Tensor:
+def soft_clip(a: torch.Tensor, t: float, out: torch.Tensor | None = None) -> torch.Tensor:
     """Noise-aware soft thresholds: 0 below ``t``, ``2 (a - t)`` on ``[t, 2t]``, unchanged in between,
-    mirrored near 1 (continuous), clamped to 0..1."""
+    mirrored near 1 (continuous), clamped to 0..1 (into ``out`` when given)."""
     t = min(float(t), 0.25)
     if t <= 0:
-        return a.clamp(0, 1)
-    # max(min(a, 2a - 2t), 2a + 2t - 1): the lower ramp wins below 2t, the upper one above 1 - 2t
-    b = a * 2.0
-    lower = torch.minimum(a, b - 2.0 * t)
-    return torch.maximum(lower, b.add_(2.0 * t - 1.0), out=lower).clamp_(0, 1)
+        return torch.clamp(a, 0, 1, out=out) if out is not None else a.clamp(0, 1)
+    # max(min(a, 2a - 2t), 2a + 2t - 1) == clamp(a, 2a + 2t - 1, 2a - 2t): the bounds never cross (t <= 1/4)
+    hi = a * 2.0
+    lo = torch.add(hi, 2.0 * t - 1.0)
+    hi.sub_(2.0 * t)
+    res = torch.clamp(a, lo, hi, out=lo if out is None else out)
+    return res.clamp_(0, 1)
 
 
 # ------------------------------------------------------------------------------------ full-res tools (torch)
@@ -155,7 +163,8 @@ def _half(x: torch.Tensor) -> torch.Tensor:
     """2x2 mean of ``[N,C,h,w]`` (a ragged last row/column averages what exists): ``ceil(h/2) x ceil(w/2)``."""
     if x.shape[-1] * x.shape[-2] < 16384 or x.shape[-1] % 2 or x.shape[-2] % 2:
         return F.avg_pool2d(x, 2, ceil_mode=True)  # fastest for small maps
-    return (x[..., 0::2, 0::2] + x[..., 1::2, 0::2] + x[..., 0::2, 1::2] + x[..., 1::2, 1::2]) * 0.25
+    s = x[..., 0::2, :] + x[..., 1::2, :]  # row pairs first: contiguous rows, half the strided reads
+    return (s[..., 0::2] + s[..., 1::2]).mul_(0.25)
 
 
 def _up_axis(x: torch.Tensor, f: int, dim: int) -> torch.Tensor:
@@ -309,19 +318,29 @@ def _nup2(x: np.ndarray, axis: int) -> np.ndarray:
 
 
 def _nresize(x: np.ndarray, h: int, w: int) -> np.ndarray:
-    """Bilinear resize of ``[..., h0, w0]`` to ``[..., h, w]`` (half-pixel centres, as ``F.interpolate``)."""
-    if h == 2 * x.shape[-2]:
+    """Bilinear resize of ``[..., h0, w0]`` to ``[..., h, w]`` (half-pixel centres, as ``F.interpolate``).
+    Exact 2x steps of large maps use slices (:func:`_nup2`); the rest gathers rows/columns by a cached
+    table (the same arithmetic, ``a + (b - a) lam``, so both give identical values), in place, which
+    costs a third of the slice version on the tiny levels of a pyramid."""
+    small = x.size <= 4096
+    if h == 2 * x.shape[-2] and not small:
         x = _nup2(x, x.ndim - 2)
     elif x.shape[-2] != h:
         i0, i1, lam = _lerp_table(x.shape[-2], h)
-        a = x[..., i0, :]
-        x = a + (x[..., i1, :] - a) * lam[:, None]
-    if w == 2 * x.shape[-1]:
+        a = x.take(i0, -2)
+        x = x.take(i1, -2)
+        x -= a
+        x *= lam[:, None]
+        x += a
+    if w == 2 * x.shape[-1] and not small:
         x = _nup2(x, x.ndim - 1)
     elif x.shape[-1] != w:
         i0, i1, lam = _lerp_table(x.shape[-1], w)
-        a = x[..., i0]
-        x = a + (x[..., i1] - a) * lam
+        a = x.take(i0, -1)
+        x = x.take(i1, -1)
+        x -= a
+        x *= lam
+        x += a
     return x
 
 
@@ -349,9 +368,11 @@ def _blur(x: np.ndarray) -> np.ndarray:
 
 
 def _norm_blur(values: np.ndarray, weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Normalised convolution: ``blur(w v) / blur(w)`` and ``blur(w)`` (``[C,h,w]``, ``[1,h,w]``)."""
-    den = _blur(weight)
-    return _blur(values * weight) / np.maximum(den, _F32(1e-6)), den
+    """Normalised convolution: ``blur(w v) / blur(w)`` and ``blur(w)`` (``[C,h,w]``, ``[1,h,w]``); both
+    blurs in one call (per-channel maths, fewer numpy calls)."""
+    b = _blur(np.concatenate([values * weight, weight], 0))
+    den = b[-1:]
+    return b[:-1] / np.maximum(den, _F32(1e-6)), den
 
 
 def _box3(x: np.ndarray) -> np.ndarray:
@@ -401,18 +422,21 @@ def _ksig(x: np.ndarray, kn: np.ndarray) -> np.ndarray:
     return p[0] * _F32(SQ6_2) - np.abs(p[1]) * _F32(SQ2_2)
 
 
-@functools.lru_cache(maxsize=32)
-def _perm_prefix(m: int, seed: int, n: int) -> np.ndarray:
-    """The first ``n`` entries of ``torch.randperm(m)`` with a generator seeded ``seed`` (cached: frames of
-    one size draw the same samples, and a permutation of ``m`` costs far more than the ``n`` picks)."""
-    return torch.randperm(m, generator=torch.Generator().manual_seed(seed))[:n].numpy().copy()
+@functools.lru_cache(maxsize=16)
+def _strata(n: int, seed: int) -> np.ndarray:
+    """``j + u_j`` for ``j < n``, ``u_j`` uniform in ``[0, 1)`` drawn with a fixed seed (float64)."""
+    return np.arange(n) + np.random.default_rng(seed).random(n)
 
 
 def _subsample(idx: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
-    """At most ``n`` entries of a 1-D index array, fixed-seed random choice."""
-    if idx.size <= n:
+    """At most ``n`` entries of a 1-D index array: jittered stratified sampling, one pick (fixed-seed
+    random) in each of ``n`` equal runs of ``idx``. Candidates come in raster order, so the samples spread
+    evenly over the image (no clumps of a random draw, no aliasing of a fixed stride), and the cost is
+    ``O(n)`` whatever ``len(idx)`` (a random permutation of it costs ~70 us per 20k candidates)."""
+    m = idx.size
+    if m <= n:
         return idx
-    return idx[_perm_prefix(idx.size, seed, max(n, 2048))[:n]]
+    return idx[(_strata(n, seed) * (m / n)).astype(np.intp)]
 
 
 def _sample_bilinear(low: np.ndarray, f: int, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
@@ -431,33 +455,45 @@ def _sample_bilinear(low: np.ndarray, f: int, ys: np.ndarray, xs: np.ndarray) ->
 
 
 # ------------------------------------------------------------------------------------ key colour
+@functools.lru_cache(maxsize=8)
+def _uniforms(seed: int, count: int) -> tuple[float, ...]:
+    """``count`` fixed-seed uniform draws in ``[0, 1)`` (cached: a generator costs more to seed than the
+    few draws K-Means seeding takes)."""
+    return tuple(np.random.default_rng(seed).random(count).tolist())
+
+
 def kmeans(pts: np.ndarray, k: int, seed: int = 0, max_iter: int = 50) -> tuple[np.ndarray, np.ndarray]:
     """K-Means of ``pts`` ``[n,d]`` (float64) into ``k`` clusters: greedy k-means++ seeding (each new centre
     is the best of ``2 + ln k`` candidates drawn in proportion to the squared distance to the nearest
     centre so far, as in Arthur & Vassilvitskii / scikit-learn), then Lloyd iterations until no label
     changes. Fixed seed. Returns ``(centres [k,d], labels [n])``. A few hundred microseconds for the
     1000 x 3 samples used here, where scikit-learn's estimator spends milliseconds on set-up."""
-    rng = np.random.default_rng(seed)
     n = len(pts)
     k = max(1, min(int(k), n))
+    trials = 2 + int(math.log(k))
+    draws = iter(_uniforms(seed, 1 + (k - 1) * trials))  # the same stream as default_rng(seed).random()
     cols = [np.ascontiguousarray(pts[:, j]) for j in range(pts.shape[1])]  # sums over d as adds of rows
     sq = functools.reduce(np.add, [c * c for c in cols])
-    centres = [pts[rng.integers(n)]]
+    centres = [pts[min(int(next(draws) * n), n - 1)]]
     d2 = functools.reduce(np.add, [(c - centres[0][j]) ** 2 for j, c in enumerate(cols)])
-    trials = 2 + int(math.log(k))
     for _ in range(1, k):
         total = float(d2.sum())
+        u = np.array([next(draws) for _ in range(trials)])
         if total <= 0:  # fewer distinct points than clusters
-            centres.append(pts[rng.integers(n)])
+            centres.append(pts[min(int(u[0] * n), n - 1)])
             continue
-        cand = np.searchsorted(np.cumsum(d2), rng.random(trials) * total).clip(max=n - 1)
+        cand = np.searchsorted(np.cumsum(d2), u * total).clip(max=n - 1)
         nd = np.minimum(d2[None], np.maximum(sq[None] - 2.0 * pts[cand] @ pts.T + sq[cand][:, None], 0))
         best = int(nd.sum(1).argmin())
         centres.append(pts[cand[best]])
         d2 = nd[best]
     centres = np.array(centres)
     labels = None
-    tol = 1e-4 * float(np.mean([c.var() for c in cols]))  # scikit-learn's default stopping rule
+    # scikit-learn's default stopping rule: 1e-4 x the mean per-feature variance
+    tol = 1e-4 * max(sum(float(c @ c) / n - (float(c.sum()) / n) ** 2 for c in cols) / len(cols), 0.0)
+    d = pts.shape[1]
+    flat_pts = np.ascontiguousarray(pts).ravel()
+    bins = np.arange(d)
 
     def nearest(c):  # squared distance minus |p|^2, as [n, k]: the argmin runs along contiguous rows
         return (pts @ (c * -2.0).T + (c * c).sum(1)).argmin(1)
@@ -470,8 +506,9 @@ def kmeans(pts: np.ndarray, k: int, seed: int = 0, max_iter: int = 50) -> tuple[
         count = np.bincount(labels, minlength=k)
         ok = count > 0
         old = centres.copy()
-        for j, col in enumerate(cols):
-            centres[ok, j] = np.bincount(labels, weights=col, minlength=k)[ok] / count[ok]
+        # per-cluster sums of every feature in one bincount (bin = label * d + feature; same order of adds)
+        sums = np.bincount((labels[:, None] * d + bins).ravel(), weights=flat_pts, minlength=k * d)
+        centres[ok] = sums.reshape(k, d)[ok] / count[ok, None]
         if float(((centres - old) ** 2).sum()) <= tol:
             labels = nearest(centres)
             break
@@ -481,7 +518,8 @@ def kmeans(pts: np.ndarray, k: int, seed: int = 0, max_iter: int = 50) -> tuple[
 def find_key_color(small: np.ndarray, bg_hint: np.ndarray | None = None, clusters: int = 5,
                    samples: int = 1000, seed: int = 0) -> tuple[np.ndarray, dict]:
     """Backdrop colour of a low-res planar image ``[3,h,w]`` (numpy) by K-Means (:func:`kmeans`:
-    k-means++ and Lloyd, fixed seed, on at most ``samples`` pixels).
+    k-means++ and at most 20 Lloyd iterations, fixed seed, on at most ``samples`` pixels, a stratified
+    sample of the candidates).
 
     With ``bg_hint`` (``[h,w]`` bool: background candidates, e.g. outside a coarse mask) the most
     populated cluster of those pixels wins, whatever its colour. Without one, a screen is large, touches
@@ -498,19 +536,28 @@ def find_key_color(small: np.ndarray, bg_hint: np.ndarray | None = None, cluster
     pts = pts_t.T
     yy, xx = np.divmod(idx, w)
     onb = (yy == 0) | (yy == h - 1) | (xx == 0) | (xx == w - 1)
-    k = min(clusters if float(pts_t.std(1).max()) > 1e-3 else 1, pts_t.shape[1])
-    centres, labels = kmeans(pts, k, seed=seed)
+    dev = pts_t - pts_t.mean(1, keepdims=True)
+    k = min(clusters if float((dev * dev).mean(1).max()) > 1e-6 else 1, pts_t.shape[1])  # std > 1e-3
+    centres, labels = kmeans(pts, k, seed=seed, max_iter=20)
     ratio = pts_t / np.maximum(pts_t[0] + pts_t[1] + pts_t[2], 1e-2)  # chromaticity, [3,n]
     nb = max(1, int(onb.sum()))
+    # every member's chromaticity distance to its centre's, then per-cluster medians from one sort
+    rc_all = centres / np.maximum(centres.sum(1, keepdims=True), 1e-2)  # [k,3]
+    t = ratio - rc_all[labels].T
+    t *= t
+    dist = np.sqrt(t[0] + t[1] + t[2])
+    dist = dist[np.lexsort((dist, labels))]  # grouped by cluster, ascending within each
+    count = np.bincount(labels, minlength=k)
+    first = np.cumsum(count) - count
+    bcount = np.bincount(labels[onb], minlength=k)
     best, best_score, stats = 0, -1.0, []
     for j in range(k):
-        sel = labels == j
         c = centres[j]
-        share = float(sel.mean())
-        bshare = float((sel & onb).sum()) / nb
-        if sel.any():
-            rs, rc = ratio[:, sel], c / max(c.sum(), 1e-2)
-            spread = float(np.median(np.sqrt((rs[0] - rc[0]) ** 2 + (rs[1] - rc[1]) ** 2 + (rs[2] - rc[2]) ** 2)))
+        share = float(count[j]) / labels.size
+        bshare = float(bcount[j]) / nb
+        if count[j]:  # np.median: the middle value, or the mean of the two middle values
+            lo, hi = first[j] + (count[j] - 1) // 2, first[j] + count[j] // 2
+            spread = float(dist[lo]) if lo == hi else float((dist[lo] + dist[hi]) / 2)
         else:
             spread = 1.0
         sat = float((c.max() - c.min()) / max(c.max(), 1e-3))
@@ -572,12 +619,12 @@ def estimate_plate(small: np.ndarray, key: np.ndarray, bg_hint: np.ndarray | Non
     # pixels) to the densest chromaticity, the bare screen; the radius settles at 3x the median distance
     rp = np.ascontiguousarray(r[:, pool])  # (fancy indexing gives a column-major copy: slow sums over axis 0)
     for _ in range(8):
-        near = ((rp - ref) ** 2).sum(0) < radius * radius
+        near = _sqdist(rp, ref) < radius * radius
         if int(near.sum()) < 16:
             break
-        rn = rp[:, near]
+        rn = rp.compress(near, axis=1)  # (several times faster than boolean indexing)
         ref = _lower_median(rn, 1)[:, None]
-        new_radius = min(max(3.0 * float(np.sqrt(_lower_median(((rn - ref) ** 2).sum(0), 0))), 0.008), 0.08)
+        new_radius = min(max(3.0 * float(np.sqrt(_lower_median(_sqdist(rn, ref), 0))), 0.008), 0.08)
         if new_radius >= radius * 0.95:
             radius = min(new_radius, radius)
             break
@@ -592,7 +639,7 @@ def estimate_plate(small: np.ndarray, key: np.ndarray, bg_hint: np.ndarray | Non
     design = _poly_design(h, w)
     for it in range(2):
         idx = _subsample(np.flatnonzero(sel), samples, it)
-        coef = _lstsq_rows(design[:, idx], r[:, idx])
+        coef = _lstsq_rows(design.take(idx, axis=1), r.take(idx, axis=1))
         new = _sqdist(r, coef.T @ design) < tol2
         if hint is not None:
             new &= hint
@@ -602,7 +649,8 @@ def estimate_plate(small: np.ndarray, key: np.ndarray, bg_hint: np.ndarray | Non
     cand = sel.reshape(1, h, w).astype(_F32)
     lum = small.sum(0, keepdims=True)
     c = max(1, max(h, w) // 32)  # smooth brightness of the selection at ~1/16 of the size
-    lref, den = _norm_blur(_pool(lum * cand, c), _pool(cand, c))
+    pooled = _pool(np.concatenate([lum * cand, cand], 0), c)  # both block means in one pass
+    lref, den = _norm_blur(pooled[:1], pooled[1:])
     lref = _nresize(push_pull(lref, (den > 0.02).astype(_F32)), h, w)
     keep = cand * (lum > _F32(1.0 - gain_tol) * lref)
     if float(keep.sum()) > 16:
@@ -664,11 +712,13 @@ def local_foreground(small: np.ndarray, plate: np.ndarray, kn: np.ndarray, noise
 
 
 @functools.lru_cache(maxsize=32)
-def _noise_samples(H: int, W: int, m: int) -> tuple[np.ndarray, np.ndarray]:
+def _noise_samples(H: int, W: int, m: int, f: int, w: int) -> tuple[np.ndarray, ...]:
+    """``m`` fixed-seed random pixels of an ``H x W`` image: rows, columns, flat indices, and flat indices
+    of their cells in a ``[., w]`` map at factor ``f`` (cached per size, like the draws)."""
     gen = torch.Generator().manual_seed(0)
-    ys = torch.randint(0, H, (m,), generator=gen)
-    xs = torch.randint(0, W, (m,), generator=gen)
-    return ys.numpy().copy(), xs.numpy().copy()
+    ys = torch.randint(0, H, (m,), generator=gen).numpy().copy()
+    xs = torch.randint(0, W, (m,), generator=gen).numpy().copy()
+    return ys, xs, ys * W + xs, ys // f * w + xs // f
 
 
 def _noise_level(img, plate_at, bg_small, f, kn, samples: int = 4096) -> float:
@@ -676,13 +726,14 @@ def _noise_level(img, plate_at, bg_small, f, kn, samples: int = 4096) -> float:
     confident background: the sensor / JPEG noise the soft thresholds must absorb. ``plate_at(ys, xs)``
     gives the plate there (``[3,N]`` numpy); ``bg_small`` ``[h,w]`` at factor ``f`` (numpy) or None."""
     H, W, _ = img.shape
-    ys, xs = _noise_samples(H, W, min(samples, H * W))
+    w = 1 if bg_small is None else bg_small.shape[-1]
+    ys, xs, flat, low = _noise_samples(H, W, min(samples, H * W), f, w)
     if bg_small is not None:
-        ok = bg_small[ys // f, xs // f] > 0.99
-        ys, xs = ys[ok], xs[ok]
+        ok = bg_small.ravel().take(low) > 0.99
+        ys, xs, flat = ys.compress(ok), xs.compress(ok), flat.compress(ok)
     if ys.size < 32:
         return 0.01
-    flat = torch.from_numpy(ys * W + xs).to(img.device)
+    flat = torch.from_numpy(flat).to(img.device)
     if img.is_contiguous():  # one index_select on rows of 3: far cheaper than 2-D advanced indexing
         pix = img.view(-1, 3).index_select(0, flat).t().cpu().numpy()
     else:
@@ -886,8 +937,8 @@ def _key_one(img, mask, user_plate, override, alpha_out, rgba_out, plate_out, in
                 return _no_screen(img, key, index, reason, alpha_out, rgba_out, plate_out, warnings, opt)
         plate_at = lambda ys, xs: _sample_bilinear(plate_c, fp, ys, xs)  # noqa: E731
         plate_small = _nresize(plate_c, h, w) if levels else plate_c
-    k, n, _ = key_basis(torch.tensor(key, dtype=torch.float32))
-    kn = torch.stack([k, n]).numpy()  # [2,3]
+    k, n, _ = _key_basis_np(key)
+    kn = np.stack([k, n])  # [2,3] float32
     strength = float(_ksig(plate_small.mean(axis=(1, 2)), kn))
     if strength < opt["min_key_signal"]:
         reason = f"the backdrop {color_hex(key)} is nearly grey (key signal {strength:.3f})"
@@ -927,7 +978,7 @@ def _key_one(img, mask, user_plate, override, alpha_out, rgba_out, plate_out, in
         low1 = torch.cat([low1] + list(bounds), 1)
     up1 = _Upsampler(low1, f, H, W)
     up2 = _Upsampler(low[:, nm:], f, H, W)
-    _full_res(img, user_plate, up1, up2, k.to(dev), n.to(dev), noise, opt, alpha_out, rgba_out, plate_out,
+    _full_res(img, user_plate, up1, up2, torch.from_numpy(kn).to(dev), noise, opt, alpha_out, rgba_out, plate_out,
               bounds is not None)
     return key_t
 
@@ -958,7 +1009,7 @@ def _window_sum(p: torch.Tensor, w: int, dim: int) -> torch.Tensor:
     return out
 
 
-def _full_res(img, user_plate, up1, up2, k, n, noise, opt, alpha_out, rgba_out, plate_out, has_bounds):
+def _full_res(img, user_plate, up1, up2, kn, noise, opt, alpha_out, rgba_out, plate_out, has_bounds):
     """Full resolution, in bands of rows (planar maths, interleaved outputs).
 
     Pass 1: alpha by eq. (1) (``a = d . u``), soft thresholds; the guide ``g = 1 - s(I)/s(B)`` (the
@@ -968,8 +1019,11 @@ def _full_res(img, user_plate, up1, up2, k, n, noise, opt, alpha_out, rgba_out, 
     ``A = cov(g, a) / (var(g) + eps)``, ``A`` and ``b`` averaged over the windows covering a cell, then
     bilinearly upsampled and applied as ``A g + b`` to the full-resolution guide), which removes sensor
     noise and JPEG blocks while keeping every edge the key signal shows; then mask bounds, unmixing,
-    despill. Bands are an even number of rows, so every band sees the same half-resolution grid. Each band of the interleaved image is copied to planar ``[3,n,W]`` once (element-wise maths
-    on strided channels is several times slower on a CPU); a single-band image keeps it for pass 2.
+    despill. Bands are an even number of rows, so every band sees the same half-resolution grid. Each
+    band of the interleaved image is copied to planar ``[3,n,W]`` once (element-wise maths on strided
+    channels is several times slower on a CPU) and used by both passes: pass 2 runs one band behind
+    pass 1. ``a`` and ``g`` share one ``[2,H,W]`` buffer, so the filter's 2x2 averages read both without
+    a stacked copy.
     """
     H, W, _ = img.shape
     chunk = opt["chunk_pixels"] or min(max(H * W // 4, 1 << 17), 1 << 19)
@@ -977,80 +1031,101 @@ def _full_res(img, user_plate, up1, up2, k, n, noise, opt, alpha_out, rgba_out, 
     t = min(max(opt["noise_clip"] * noise, 0.004), 0.15)
     a_d = max(opt["decontaminate"], 1e-3)
     spill = opt["despill"]
-    kn = torch.stack([k, n]).float().to(img.device)  # [2,3]
+    kn = kn.float()  # [k; n], [2,3] on the device
     kcol = kn[0].view(3, 1, 1)
     r, eps = opt["refine_radius"], opt["refine_eps"]
     rl = max(1, round(r / 2))  # window radius at half resolution
     halo = 2 + 4 * rl  # full-res rows a band needs on each side (even)
-    a_buf = torch.empty(H, W, device=img.device)
-    g_buf = torch.empty(H, W, device=img.device) if r > 0 else None
+    ag_buf = torch.empty(2 if r > 0 else 1, H, W, device=img.device)  # [a, g]
+    a_buf = ag_buf[0]
+    g_buf = ag_buf[1] if r > 0 else None
     bnd_buf = torch.empty(2, H, W, device=img.device) if has_bounds else None
     planar = lambda y0, y1: img[y0:y1].permute(2, 0, 1).contiguous()  # noqa: E731
 
-    def pass1(lo, hi):  # rows lo..hi in bands; returns the planar copy of a span that is a single band
-        Ip = None
-        for y0 in range(lo, hi, rows):
-            y1 = min(hi, y0 + rows)
-            Ip = planar(y0, y1)
-            m = up1.rows(y0, y1)
-            if user_plate is None:
-                B, u, inv_sb, rest = m[0:3], m[3:6], m[6], m[7:]
-                for c in range(3):
-                    plate_out[y0:y1, :, c] = B[c]
-            else:
-                B, u, inv_sb, rest = user_plate[y0:y1].permute(2, 0, 1), m[0:3], m[3], m[4:]
-                plate_out[y0:y1] = user_plate[y0:y1]
-            d = (Ip - B).mul_(u)
-            a_buf[y0:y1] = soft_clip(d[0].add_(d[1]).add_(d[2]), t)
-            if has_bounds:
-                bnd_buf[:, y0:y1] = rest
-            if g_buf is not None:  # g = 1 - s(I) / s(B); I.k and I.n in one small matrix product
-                ikn = torch.mm(kn, Ip.view(3, -1)).view(2, y1 - y0, W)
-                ik = ikn[0].mul_(-SQ6_2).add_(ikn[1].abs_(), alpha=SQ2_2)
-                torch.mul(ik, inv_sb, out=g_buf[y0:y1]).add_(1.0)
-        return Ip if hi - lo <= rows else None
-
-    def pass2(lo, hi, Ip):
-        for y0 in range(lo, hi, rows):
-            y1 = min(hi, y0 + rows)
-            if g_buf is not None:
-                # fast guided filter: window statistics and the linear model a ~ A g + b at half
-                # resolution, A and b bilinearly upsampled and applied to the full-resolution guide
-                ya, yb = max(0, y0 - halo), min(H, y1 + halo)
-                low = _half(torch.stack([g_buf[ya:yb], a_buf[ya:yb]])[None])[0]
-                gl, pl = low[0], low[1]
-                mean = _box5(torch.stack([gl, pl, gl * pl, gl * gl]), rl)
-                mg, mp = mean[0], mean[1]
-                A = (mean[2] - mg * mp).div_(mean[3].sub_(mg * mg).add_(eps))
-                coef = _upf(_box5(torch.stack([A, mp.sub_(A * mg)]), rl)[None], 2)[0, :, y0 - ya: y1 - ya, :W]
-                a = soft_clip(coef[0].mul(g_buf[y0:y1]).add_(coef[1]), t)
-            else:
-                a = a_buf[y0:y1]
-            if has_bounds:
-                a = torch.minimum(torch.maximum(a, bnd_buf[0, y0:y1]), bnd_buf[1, y0:y1])
-            alpha_out[y0:y1] = a
-            # F = F_l + (d - a e) / max(a, a_d) = B + p d + q e,  p = 1 / max(a, a_d),  q = 1 - a p;
-            # the default a_d = 1 gives F = I + (1 - a) e
-            I = Ip if Ip is not None else planar(y0, y1)
-            e = up2.rows(y0, y1)
-            if a_d >= 1.0:
-                fg = torch.addcmul(I, torch.ones_like(a).sub_(a), e)
-            else:
-                Bi = plate_out[y0:y1].permute(2, 0, 1)
-                pinv = a.clamp_min(a_d).reciprocal_()
-                q = torch.addcmul(torch.ones_like(a), a, pinv, value=-1.0)
-                fg = torch.addcmul(Bi, pinv, I - Bi).addcmul_(q, e)
-            if spill > 0:  # F -= spill * max(s(F), 0) * 2/sqrt(6) * k
-                fkn = torch.mm(kn, fg.view(3, -1)).view(2, y1 - y0, W)
-                s = fkn[0].mul_(SQ6_2).sub_(fkn[1].abs_(), alpha=SQ2_2).clamp_min_(0).mul_(spill / SQ6_2)
-                fg.addcmul_(kcol, s, value=-1.0)
-            fg.clamp_(0, 1)
-            out = rgba_out[y0:y1]
+    def pass1(y0, y1):  # alpha by eq. (1), guide; returns the band's planar image copy
+        Ip = planar(y0, y1)
+        m = up1.rows(y0, y1)
+        if user_plate is None:
+            B, u, inv_sb, rest = m[0:3], m[3:6], m[6], m[7:]
             for c in range(3):
-                out[..., c] = fg[c]
-            out[..., 3] = a
+                plate_out[y0:y1, :, c] = B[c]
+        else:
+            B, u, inv_sb, rest = user_plate[y0:y1].permute(2, 0, 1), m[0:3], m[3], m[4:]
+            plate_out[y0:y1] = user_plate[y0:y1]
+        d = torch.sub(Ip, B).mul_(u)
+        soft_clip(d[0].add_(d[1]).add_(d[2]), t, out=a_buf[y0:y1])
+        if has_bounds:
+            bnd_buf[:, y0:y1] = rest
+        if g_buf is not None:  # g = 1 - s(I) / s(B); I.k and I.n in one small matrix product
+            ikn = torch.mm(kn, Ip.view(3, -1)).view(2, y1 - y0, W)
+            ik = ikn[0].mul_(-SQ6_2).add_(ikn[1].abs_(), alpha=SQ2_2)
+            torch.mul(ik, inv_sb, out=g_buf[y0:y1]).add_(1.0)
+        del m, B, u, inv_sb, rest, d
+        return Ip
 
-    pass2(0, H, pass1(0, H))
+    def pass2(y0, y1, I):  # guided filter, bounds, unmixing, despill, outputs
+        a = alpha_out[y0:y1]
+        if g_buf is not None:
+            soft_clip(_guided_rows(ag_buf, y0, y1, halo, rl, eps), t, out=a)
+        else:
+            a.copy_(a_buf[y0:y1])
+        if has_bounds:
+            torch.clamp(a, bnd_buf[0, y0:y1], bnd_buf[1, y0:y1], out=a)  # forced <= allowed
+        # F = F_l + (d - a e) / max(a, a_d) = B + p d + q e,  p = 1 / max(a, a_d),  q = 1 - a p;
+        # the default a_d = 1 gives F = I + (1 - a) e
+        e = up2.rows(y0, y1)
+        if a_d >= 1.0:
+            fg = torch.addcmul(I, torch.rsub(a, 1.0), e)
+        else:
+            Bi = plate_out[y0:y1].permute(2, 0, 1)
+            pinv = a.clamp_min(a_d).reciprocal_()
+            q = torch.addcmul(torch.ones_like(a), a, pinv, value=-1.0)
+            fg = torch.addcmul(Bi, pinv, I - Bi).addcmul_(q, e)
+        del e, I
+        if spill > 0:  # F -= spill * max(s(F), 0) * 2/sqrt(6) * k
+            fkn = torch.mm(kn, fg.view(3, -1)).view(2, y1 - y0, W)
+            s = fkn[0].mul_(SQ6_2).sub_(fkn[1].abs_(), alpha=SQ2_2).clamp_min_(0).mul_(spill / SQ6_2)
+            fg.addcmul_(kcol, s, value=-1.0)
+            del fkn, s
+        fg.clamp_(0, 1)
+        out = rgba_out[y0:y1]
+        for c in range(3):
+            out[..., c] = fg[c]
+        out[..., 3] = a
+
+    # pass 2 of a band needs pass-1 rows down to ``halo`` below it, so it runs one band behind pass 1
+    # and reuses that band's planar copy of the image (one copy per band, and the rows are still cached)
+    bands = [(y0, min(H, y0 + rows)) for y0 in range(0, H, rows)]
+    if rows >= halo or len(bands) == 1:
+        prev = None
+        for y0, y1 in bands:
+            Ip = pass1(y0, y1)
+            if prev is not None:
+                pass2(*prev)
+            prev = (y0, y1, Ip)
+            del Ip
+        pass2(*prev)
+    else:  # bands thinner than the halo (very wide images): all of pass 1 first
+        for y0, y1 in bands:
+            pass1(y0, y1)
+        for y0, y1 in bands:
+            pass2(y0, y1, planar(y0, y1))
+
+
+def _guided_rows(ag: torch.Tensor, y0: int, y1: int, halo: int, rl: int, eps: float) -> torch.Tensor:
+    """Fast guided filter (He & Sun 2015) of ``p = ag[0]`` with the guide ``g = ag[1]`` (``[2,H,W]``) for
+    rows ``y0..y1``: window statistics and the linear model ``p ~ A g + b`` at half resolution (rows
+    ``y0 - halo .. y1 + halo``), ``A`` and ``b`` bilinearly upsampled (only the band's rows) and applied to
+    the full-resolution guide. Returns ``[y1 - y0, W]``."""
+    H, W = ag.shape[-2:]
+    ya, yb = max(0, y0 - halo), min(H, y1 + halo)
+    low = _half(ag[None, :, ya:yb])[0]
+    pl, gl = low[0], low[1]
+    mean = _box5(torch.stack([gl, pl, gl * pl, gl * gl]), rl)
+    mg, mp = mean[0], mean[1]
+    A = (mean[2] - mg * mp).div_(mean[3].sub_(mg * mg).add_(eps))
+    coef = _Upsampler(_box5(torch.stack([A, mp.sub_(A * mg)]), rl)[None], 2, yb - ya, W).rows(y0 - ya, y1 - ya)
+    return torch.addcmul(coef[1], coef[0], ag[1, y0:y1])
 
 
 def _no_screen(img, key, index, reason, alpha_out, rgba_out, plate_out, warnings, opt):

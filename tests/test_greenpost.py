@@ -15,8 +15,9 @@ from PIL import Image
 from diffusion_matting.py import metrics
 from diffusion_matting.py.cli import main
 from diffusion_matting.py.errors import UserError
-from diffusion_matting.py.greenpost import (_box5, _downsample, _lstsq_rows, _upf, _Upsampler, color_hex, estimate_plate,
-                                            greenpost, key_basis, key_signal, kmeans, soft_clip)
+from diffusion_matting.py.greenpost import (_box5, _downsample, _half, _lstsq_rows, _subsample, _upf, _Upsampler,
+                                            color_hex, estimate_plate, greenpost, key_basis, key_signal, kmeans,
+                                            soft_clip)
 from diffusion_matting.py.samples import STUDIO_GREEN, make_sample, render_plate
 
 BLUE = (0.1, 0.25, 0.85)
@@ -64,6 +65,31 @@ def test_soft_clip_snaps_noise_keeps_the_middle():
     assert torch.allclose(out, ref, atol=1e-6)
     assert out[(a > 0.1) & (a < 0.9)].equal(a[(a > 0.1) & (a < 0.9)])
     assert (out[a < 0.05] == 0).all() and (out[a > 0.95] == 1).all()
+
+
+def test_soft_clip_writes_into_out():
+    a = torch.linspace(-0.5, 1.5, 999)
+    out = torch.empty_like(a)
+    assert soft_clip(a, 0.07, out=out) is out and torch.equal(out, soft_clip(a, 0.07))
+    assert torch.equal(soft_clip(a, 0.0, out=out), a.clamp(0, 1))
+
+
+def test_subsample_is_stratified_and_deterministic():
+    idx = np.arange(0, 300000, 3)  # 100000 candidates
+    pick = _subsample(idx, 1000)
+    # one pick in each run of 100 candidates, so the samples spread evenly (and never repeat here)
+    np.testing.assert_array_equal(np.searchsorted(idx, pick) // 100, np.arange(1000))
+    assert np.array_equal(pick, _subsample(idx, 1000)) and not np.array_equal(pick, _subsample(idx, 1000, seed=1))
+    within = np.searchsorted(idx, pick) % 100  # the position inside each run is random, not a fixed stride
+    assert within.std() > 20 and len(np.unique(within)) > 90
+    assert np.array_equal(_subsample(idx[:500], 1000), idx[:500])  # few candidates: all of them
+
+
+def test_half_matches_average_pooling():
+    g = torch.Generator().manual_seed(4)
+    for shape in [(1, 2, 256, 130), (1, 2, 7, 9), (1, 1, 40, 40)]:
+        x = torch.rand(shape, generator=g)
+        assert torch.allclose(_half(x), F.avg_pool2d(x, 2, ceil_mode=True), atol=1e-6)
 
 
 def test_downsample_and_upsampler_match_torch_references():
@@ -255,9 +281,17 @@ def test_band_processing_is_exact_and_batches_are_independent():
     s = sample("studio", size=128)
     x = t(s.image)
     whole = greenpost(x)
-    banded = greenpost(x, chunk_pixels=128 * 7)  # 7-row bands: halos of the guided filter must be right
-    assert torch.allclose(whole.rgba, banded.rgba, atol=1e-5)
-    assert torch.allclose(whole.plate, banded.plate, atol=1e-6)
+    # 7-row bands (thinner than the guided filter's halo: pass 1 runs first) and 12-row bands (pass 2 runs one
+    # band behind pass 1, reusing its planar copy): the halos of the guided filter must be right
+    for rows in (7, 12):
+        banded = greenpost(x, chunk_pixels=128 * rows)
+        assert torch.allclose(whole.rgba, banded.rgba, atol=1e-5)
+        assert torch.allclose(whole.plate, banded.plate, atol=1e-6)
+    # with mask bounds, a user plate and partial decontamination too
+    kw = dict(mask=(whole.alpha > 0.5).float(), plate=whole.plate, decontaminate=0.3, mask_holdout=True)
+    ref = greenpost(x, **kw)
+    for rows in (7, 12):
+        assert torch.allclose(ref.rgba, greenpost(x, chunk_pixels=128 * rows, **kw).rgba, atol=1e-5)
     blue = sample("studio", color=BLUE, size=128, seed=5)
     photo = F.interpolate(torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(2)), size=(128, 128),
                           mode="bicubic", align_corners=False).clamp(0, 1).permute(0, 2, 3, 1)
@@ -320,6 +354,12 @@ def test_cli_key_writes_rgba_of_same_size_and_refuses_overwrite(tmp_path, capsys
     assert main(["key", str(src / "one.png"), "--out", str(tmp_path / "o2"), "--key-color", "green"]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
     assert len(err) == 2 and all(line.startswith("diffusion-matting key: error:") for line in err)
+    # PNG compression is lossless at every level: other bytes, the same pixels
+    assert main(["key", str(src / "one.png"), "--out", str(tmp_path / "o9"), "--compress-level", "9"]) == 0
+    assert main(["key", str(src / "one.png"), "--out", str(tmp_path / "o0"), "--compress-level", "0"]) == 0
+    z0, z9 = (tmp_path / "o0" / "one.png").read_bytes(), (tmp_path / "o9" / "one.png").read_bytes()
+    assert len(z9) < len(z0)
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "o9" / "one.png")), np.asarray(Image.open(tmp_path / "o0" / "one.png")))
 
 
 # ------------------------------------------------------------------------------------------ screen or not
