@@ -5,7 +5,8 @@
 Prints one JSON object: per-case metrics (whole image: SAD/1000, MSE*1e3, Grad/1000, Conn/1000,
 alpha-weighted foreground MSE*1e3; see ``diffusion_matting.py.metrics``), seconds (wall and CPU) per image,
 the means, GreenPost / closed-form ratios, the per-image speed-up, each method's peak resident memory,
-and a 3840x2160 timing case.
+a 3840x2160 timing case, and a folder-streaming check (``key DIR --out DIR`` over ``--stream-frames``
+1920x1080 frames in one process; peak resident memory per quarter of the frames, so growth shows).
 
 Methods (each round runs each in its own fresh subprocess; peak memory = the largest VmHWM of its processes):
 
@@ -140,10 +141,52 @@ def child_4k(data: Path, case: str, out: Path, threads: int | None, repeat: int)
         "frame_mb": frame.numel() * 4 / 2 ** 20}))
 
 
+def child_stream(data: Path, case: str, out: Path, frames: int) -> None:
+    """Key a folder of ``frames`` 1920x1080 PNGs through the CLI (``key DIR --out DIR``) in this process while
+    a thread samples its resident memory; reports the peak RSS over each quarter of the frames."""
+    import threading
+
+    import torch
+    import torch.nn.functional as F
+    from PIL import Image
+
+    from diffusion_matting.py.cli import main as cli
+    src, dst = out / "stream_in", out / "stream_out"
+    src.mkdir()
+    base = torch.from_numpy(_load_rgb(data / case / "image.png")).permute(2, 0, 1)[None]
+    base = F.interpolate(base, size=(1080, 1920), mode="bilinear", align_corners=False).clamp(0, 1)[0]
+    for i in range(frames):  # the subject moves across the frames, so every frame differs
+        frame = torch.roll(base, shifts=37 * i, dims=2).permute(1, 2, 0).mul(255).round().byte().numpy()
+        Image.fromarray(frame).save(src / f"frame_{i:04d}.png", compress_level=1)
+    del base
+    samples: list[tuple[int, float]] = []
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            n = len(list(dst.glob("*.png"))) if dst.is_dir() else 0
+            samples.append((n, _vm_rss_mb()))
+            time.sleep(0.02)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    t0 = time.perf_counter()
+    thread.start()
+    cli(["key", str(src), "--out", str(dst)])
+    done.set()
+    thread.join()
+    seconds = time.perf_counter() - t0
+    q = max(1, frames // 4)
+    quarters = [max([r for n, r in samples if k * q <= n < (k + 1) * q] or [float("nan")]) for k in range(4)]
+    (out / "stream.json").write_text(json.dumps({
+        "frames": frames, "size": "1920x1080", "written": len(list(dst.glob("*.png"))),
+        "seconds_per_frame": seconds / frames, "peak_rss_mb_by_quarter": quarters,
+        "growth_mb_second_to_last_quarter": quarters[-1] - quarters[1], "peak_rss_mb": _vm_hwm_mb()}))
+
+
 # --------------------------------------------------------------------------- parent
 def _spawn(args: list[str]) -> None:
     env = dict(os.environ)
-    subprocess.run([sys.executable, __file__, *args], check=True, env=env)
+    subprocess.run([sys.executable, __file__, *args], check=True, env=env, stdout=sys.stderr)  # stdout: JSON only
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -157,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
                          "seconds = the best round (the first round also reported)")
     ap.add_argument("--tag", default="r0", help=argparse.SUPPRESS)
     ap.add_argument("--repeat-4k", type=int, default=3)
+    ap.add_argument("--stream-frames", type=int, default=24,
+                    help="frames (1920x1080) in the folder-streaming memory check; 0 skips it")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -166,6 +211,9 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"error": f"no data folder {data}"}))
         return 2
     cases = args.cases or sorted(p.name for p in data.iterdir() if (p / "image.png").is_file())
+    if args.child == "stream":
+        child_stream(data, cases[-1] if "lemur" not in cases else "lemur", args.out, args.stream_frames)
+        return 0
     if args.child == "4k":
         child_4k(data, cases[-1] if "lemur" not in cases else "lemur", args.out, args.threads, args.repeat_4k)
         return 0
@@ -197,6 +245,10 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_4k:
             _spawn(["--child", "4k", "--out", str(out), "--repeat-4k", str(args.repeat_4k), *extra])
             four_k = json.loads((out / "4k.json").read_text())
+        stream = None
+        if args.stream_frames > 0:
+            _spawn(["--child", "stream", "--out", str(out), "--stream-frames", str(args.stream_frames), *extra])
+            stream = json.loads((out / "stream.json").read_text())
         per_case = {}
         for case in cases:
             gt_alpha = load_mask(data / case / "alpha.png")[0].numpy()
@@ -232,6 +284,10 @@ def main(argv: list[str] | None = None) -> int:
     if four_k:
         targets["4k<1.5s"] = four_k["seconds_best"] < 1.5
         targets["4k<1.5GB"] = four_k["peak_rss_mb"] < 1536
+    if stream:  # no growth: the last quarter's peak within 5% (and 32 MB) of the second quarter's
+        targets["stream_no_memory_growth"] = (stream["written"] == stream["frames"] and
+                                              stream["growth_mb_second_to_last_quarter"] <=
+                                              max(32.0, 0.05 * stream["peak_rss_mb_by_quarter"][1]))
     result = {
         "data": str(data), "region": "whole image", "units": "sad, grad, conn: /1000; mse, fg_mse: x1e3",
         "per_case": per_case,
@@ -245,6 +301,8 @@ def main(argv: list[str] | None = None) -> int:
                  "(each round a fresh process per method, warmed up on the first image)"),
         "load_average": os.getloadavg(),
         "four_k": four_k and {k: (round(v, 4) if isinstance(v, float) else v) for k, v in four_k.items()},
+        "stream": stream and {k: (round(v, 4) if isinstance(v, float) else
+                                  [round(x, 1) for x in v] if isinstance(v, list) else v) for k, v in stream.items()},
         "targets_met": targets,
     }
     print(json.dumps(result, indent=1))

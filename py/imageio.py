@@ -66,10 +66,12 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
     return (x.detach().float().cpu().clamp(0, 1).numpy() * 255.0 + 0.5).astype(np.uint8)
 
 
-def save_rgba(path: str | os.PathLike, straight: torch.Tensor, alpha: torch.Tensor) -> None:
-    """Save one straight-colour RGB ``[H,W,3]`` + alpha ``[H,W]`` as an RGBA PNG (non-premultiplied)."""
+def save_rgba(path: str | os.PathLike, straight: torch.Tensor, alpha: torch.Tensor, compress_level: int = 6) -> None:
+    """Save one straight-colour RGB ``[H,W,3]`` + alpha ``[H,W]`` as an RGBA PNG (non-premultiplied).
+    ``compress_level`` 0..9 is zlib's (lossless either way): 6 is PIL's default; at 1080p, 3 writes ~3x
+    faster for ~15% larger files."""
     rgba = torch.cat([straight[..., :3], alpha.unsqueeze(-1)], dim=-1)
-    Image.fromarray(to_uint8(rgba), "RGBA").save(path)
+    Image.fromarray(to_uint8(rgba), "RGBA").save(path, compress_level=int(compress_level))
 
 
 def save_rgb(path: str | os.PathLike, image: torch.Tensor) -> None:

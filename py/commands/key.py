@@ -26,6 +26,9 @@ def register(sub) -> None:
     p.add_argument("--key-color", help="backdrop colour '#rrggbb' or 'R,G,B' (default: found by K-Means)")
     p.add_argument("--strict", action="store_true", help="fail on an image that shows no backdrop colour")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.add_argument("--compress-level", type=int, default=3, choices=range(10), metavar="0-9",
+                   help="PNG (zlib) compression, lossless at every level; writing a 1080p PNG at the default 3 "
+                        "takes ~0.2 s, at 6 (smaller files) ~0.7 s, several times the keying itself (default: 3)")
     p.set_defaults(func=run)
 
 
@@ -64,6 +67,6 @@ def run(args) -> int:
                         mask_holdout=args.holdout)
         for w in res.warnings:
             tqdm.write(f"{path.name}: warning: {w}")
-        save_rgba(target, res.foreground[0].cpu(), res.alpha[0].cpu())
+        save_rgba(target, res.foreground[0].cpu(), res.alpha[0].cpu(), compress_level=args.compress_level)
     print(f"wrote {len(paths)} RGBA PNG(s) to {out.resolve()}")
     return 0
