@@ -16,13 +16,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import re
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -30,44 +27,13 @@ import pytest
 from PIL import Image
 
 import harness
+import live_server
 
 REPO = Path(__file__).resolve().parents[2]
 SERVER_TIMEOUT_S = 150
 COUNT, BATCH = 6, 2
 PROMPTS = ["a red fox, pure green background", "a blue vase, pure green background", "a brass lamp"]
 ALPHA = "alpha (1 = foreground)"
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _get_json(url: str, timeout: float = 30.0):
-    with urllib.request.urlopen(url, timeout=timeout) as r:  # noqa: S310 - loopback only
-        return json.loads(r.read())
-
-
-def _stop(proc: subprocess.Popen | None) -> None:
-    """Stop a process this test started (it leads its own process group)."""
-    if proc is None or proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
-    except ProcessLookupError:
-        pass
-
-
-def _tail(path: Path, n: int = 30) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
-    except OSError:
-        return ""
 
 
 def _graph_module():
@@ -104,61 +70,20 @@ def procedural_factory_workflow() -> dict:
     return g.to_json()
 
 
-def _start_server(comfy_path: Path, root: Path) -> tuple[subprocess.Popen, str, Path]:
-    dirs = {k: root / k for k in ("models", "input", "output", "temp", "user", "custom_nodes")}
-    for d in dirs.values():
-        d.mkdir(parents=True, exist_ok=True)
-    (dirs["custom_nodes"] / harness.PACK_FOLDER_NAME).symlink_to(REPO, target_is_directory=True)
-    port = _free_port()
-    python = os.environ.get("COMFYUI_PYTHON") or sys.executable
-    cmd = [python, "main.py", "--listen", "127.0.0.1", "--port", str(port),
-           "--base-directory", str(root), "--output-directory", str(dirs["output"]),
-           "--input-directory", str(dirs["input"]), "--temp-directory", str(dirs["temp"]),
-           "--user-directory", str(dirs["user"]), "--database-url", "sqlite:///:memory:", "--disable-auto-launch"]
-    if os.environ.get("COMFYUI_TIER2_DEVICE", "cpu").lower() == "cpu":
-        cmd.append("--cpu")
-    log_path = root / "server.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, cwd=comfy_path, stdout=log, stderr=subprocess.STDOUT,
-                                env=dict(os.environ, PYTHONUNBUFFERED="1"), start_new_session=True)
-    return proc, f"http://127.0.0.1:{port}", log_path
-
-
-def _wait_up(proc, url, log_path) -> None:
-    deadline = time.monotonic() + SERVER_TIMEOUT_S
-    while True:
-        if proc.poll() is not None:
-            pytest.fail(f"ComfyUI exited with {proc.returncode}:\n{_tail(log_path)}", pytrace=False)
-        try:
-            _get_json(url + "/system_stats", timeout=2)
-            break
-        except OSError:
-            if time.monotonic() > deadline:
-                pytest.fail(f"ComfyUI did not answer within {SERVER_TIMEOUT_S} s:\n{_tail(log_path)}", pytrace=False)
-            time.sleep(0.5)
-    if re.search(r"IMPORT FAILED.*" + re.escape(harness.PACK_FOLDER_NAME), log_path.read_text(errors="replace")):
-        pytest.fail("ComfyUI failed to import the pack:\n" + _tail(log_path), pytrace=False)
-
-
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory):
-    comfy_path = os.environ.get("COMFYUI_PATH")
-    if not comfy_path:
-        pytest.skip("COMFYUI_PATH not set: tier-2 factory test (real ComfyUI servers) skipped")
-    comfy_path = Path(comfy_path).resolve()
-    if not (comfy_path / "main.py").is_file():
-        pytest.fail(f"COMFYUI_PATH={comfy_path} has no main.py", pytrace=False)
+    comfy_path = live_server.comfy_checkout("factory test (real ComfyUI servers)")
     started = []
     try:
         for i in range(2):  # start both, then wait: they boot in parallel
             root = tmp_path_factory.mktemp(f"comfyui_factory{i}")
-            started.append((*_start_server(comfy_path, root), root))
-        for proc, url, log_path, _root in started:
-            _wait_up(proc, url, log_path)
-        yield [{"url": url, "output": root / "output", "log": log_path} for _p, url, log_path, root in started]
+            started.append(live_server.start(comfy_path, root))
+        for proc, url, log_path, _dirs in started:
+            live_server.wait_up(proc, url, log_path, SERVER_TIMEOUT_S)
+        yield [{"url": url, "output": dirs["output"], "log": log_path} for _p, url, log_path, dirs in started]
     finally:
         for proc, *_ in started:
-            _stop(proc)
+            live_server.stop(proc)
 
 
 def test_object_info_converter_matches_harness(servers):
@@ -166,7 +91,7 @@ def test_object_info_converter_matches_harness(servers):
     workflow and the factory workflows (titles aside: the harness falls back to class names offline)."""
     from diffusion_matting.py.workflow_api import schemas_from_object_info, ui_to_api
 
-    info = _get_json(servers[0]["url"] + "/object_info", timeout=120)
+    info = live_server.get_json(servers[0]["url"] + "/object_info", timeout=120)
     schemas = schemas_from_object_info(info)
     flows = {p.name: json.loads(p.read_text()) for p in sorted((REPO / "workflows").glob("*.json"))}
     flows["procedural"] = procedural_factory_workflow()
@@ -236,7 +161,7 @@ def test_factory_kill_and_resume_on_two_real_servers(servers, tmp_path):
     try:
         stdout, stderr = proc.communicate(timeout=300)
     finally:
-        _stop(proc)
+        live_server.stop(proc)
     assert proc.returncode == 0, stderr
     assert f"{COUNT}/{COUNT} in" in stdout
 
@@ -266,7 +191,7 @@ def test_factory_kill_and_resume_on_two_real_servers(servers, tmp_path):
     # killed run had sent), both servers worked, the node recorded the injected prompt and seed
     ran = {}
     for s in servers:
-        hist = _get_json(s["url"] + "/history", timeout=60)
+        hist = live_server.get_json(s["url"] + "/history", timeout=60)
         for pid, h in hist.items():
             if "diffusion_matting_factory" not in h["prompt"][3]:
                 continue  # another test's prompt

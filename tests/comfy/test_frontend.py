@@ -42,12 +42,8 @@ import json
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +51,7 @@ import pytest
 from PIL import Image
 
 import harness
+import live_server
 from diffusion_matting.py.workflow_api import ObjectInfoSchema  # an /object_info entry as a schema
 
 REPO = Path(__file__).resolve().parents[2]
@@ -83,39 +80,6 @@ def _find_chromium() -> str | None:
         if path:
             return path
     return None
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _http_json(url: str, timeout: float = 10.0):
-    with urllib.request.urlopen(url, timeout=timeout) as r:  # noqa: S310 - loopback only
-        return json.loads(r.read())
-
-
-def _stop(proc: subprocess.Popen | None) -> None:
-    """Stop a process this test started (and its children: it leads its own process group)."""
-    if proc is None or proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
-
-
-def _tail(path: Path, n: int = 40) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
-    except OSError:
-        return ""
 
 
 # ---- a minimal DevTools-protocol client ------------------------------------------------------------
@@ -443,9 +407,7 @@ def _sample_image(fname: str) -> Image.Image:
 
 @pytest.fixture(scope="module")
 def frontend(tmp_path_factory):
-    comfy_path = os.environ.get("COMFYUI_PATH")
-    if not comfy_path:
-        pytest.skip("COMFYUI_PATH not set: tier-2 front-end (browser) test skipped")
+    comfy_path = live_server.comfy_checkout("front-end (browser) test")
     chromium = _find_chromium()
     if chromium is None:
         pytest.skip("no Chromium found (set DM_CHROMIUM or install Debian `chromium`): front-end test skipped")
@@ -453,57 +415,21 @@ def frontend(tmp_path_factory):
         import aiohttp  # noqa: F401
     except ImportError:
         pytest.skip("aiohttp (a ComfyUI dependency) not importable here: front-end test skipped")
-    comfy_path = Path(comfy_path).resolve()
-    if not (comfy_path / "main.py").is_file():
-        pytest.fail(f"COMFYUI_PATH={comfy_path} has no main.py", pytrace=False)
 
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     root = tmp_path_factory.mktemp("comfyui_frontend")
-    dirs = {k: root / k for k in ("models", "input", "output", "temp", "user", "custom_nodes")}
-    for d in dirs.values():
-        d.mkdir(parents=True, exist_ok=True)
-    (dirs["custom_nodes"] / harness.PACK_FOLDER_NAME).symlink_to(REPO, target_is_directory=True)
-
-    port = _free_port()
-    python = os.environ.get("COMFYUI_PYTHON") or sys.executable
-    cmd = [python, "main.py", "--listen", "127.0.0.1", "--port", str(port),
-           "--base-directory", str(root), "--output-directory", str(dirs["output"]),
-           "--input-directory", str(dirs["input"]), "--temp-directory", str(dirs["temp"]),
-           "--user-directory", str(dirs["user"]), "--database-url", "sqlite:///:memory:",
-           "--disable-auto-launch"]
-    if os.environ.get("COMFYUI_TIER2_DEVICE", "cpu").lower() == "cpu":
-        cmd.append("--cpu")
-    server_log = root / "server.log"
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
     server = browser = None
     cdp = CDP(asyncio.new_event_loop())
     try:
-        with open(server_log, "wb") as log:
-            server = subprocess.Popen(cmd, cwd=comfy_path, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                      start_new_session=True)
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + SERVER_TIMEOUT_S
-        while True:
-            if server.poll() is not None:
-                pytest.fail(f"ComfyUI exited with {server.returncode}:\n{_tail(server_log)}", pytrace=False)
-            try:
-                _http_json(url + "/system_stats", timeout=2)
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    pytest.fail(f"ComfyUI did not answer within {SERVER_TIMEOUT_S} s:\n{_tail(server_log)}",
-                                pytrace=False)
-                time.sleep(0.5)
+        server, url, server_log, dirs = live_server.start(comfy_path, root)
+        live_server.wait_up(server, url, server_log, SERVER_TIMEOUT_S)
         timings["server_start_s"] = time.perf_counter() - t0
-        log_text = server_log.read_text(errors="replace")
-        if re.search(r"\(IMPORT FAILED\): .*" + re.escape(harness.PACK_FOLDER_NAME), log_text):
-            pytest.fail("ComfyUI failed to import the pack:\n" + _tail(server_log), pytrace=False)
 
-        object_info = _http_json(url + "/object_info", timeout=60)
+        object_info = live_server.get_json(url + "/object_info", timeout=60)
         pack_ids = sorted(k for k, v in object_info.items() if v.get("python_module") == PACK_MODULE)
         if not pack_ids:
-            pytest.fail("the server registered no node of the pack:\n" + _tail(server_log), pytrace=False)
+            pytest.fail("the server registered no node of the pack:\n" + live_server.tail(server_log), pytrace=False)
         names = set(pack_ids) | {object_info[k].get("display_name") or k for k in pack_ids}
         names |= {harness.PACK_FOLDER_NAME, "diffusion_matting", "diffusion-matting"}
         pattern = re.compile("|".join(re.escape(n) for n in sorted(names, key=len, reverse=True) if len(n) > 3))
@@ -524,10 +450,10 @@ def frontend(tmp_path_factory):
         deadline = time.monotonic() + 30
         while not (port_file.exists() and port_file.read_text().strip()):
             if browser.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"Chromium did not start:\n{_tail(root / 'chromium.log')}", pytrace=False)
+                pytest.fail(f"Chromium did not start:\n{live_server.tail(root / 'chromium.log')}", pytrace=False)
             time.sleep(0.1)
         dport = int(port_file.read_text().split()[0])
-        pages = [t for t in _http_json(f"http://127.0.0.1:{dport}/json/list") if t.get("type") == "page"]
+        pages = [t for t in live_server.get_json(f"http://127.0.0.1:{dport}/json/list") if t.get("type") == "page"]
         cdp.run(cdp.connect(pages[0]["webSocketDebuggerUrl"]))
         for domain in ("Runtime", "Log", "Page"):
             cdp.run(cdp.send(f"{domain}.enable"))
@@ -567,8 +493,8 @@ def frontend(tmp_path_factory):
         except Exception:  # noqa: BLE001 - teardown
             pass
         cdp.loop.close()
-        _stop(browser)
-        _stop(server)
+        live_server.stop(browser)
+        live_server.stop(server)
 
 
 # ---- tests -------------------------------------------------------------------------------------------
