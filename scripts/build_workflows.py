@@ -163,17 +163,35 @@ class Graph:
         }
 
 
+GREENPOST_OUTPUTS = [("foreground", "IMAGE"), ("alpha", "MASK"), ("rgba", "IMAGE"), ("clean_plate", "IMAGE"),
+                     ("key", "STRING")]
+
+
+def load_image(g: Graph, filename: str, title: str, size=(380, 320)) -> int:
+    """A ``LoadImage`` of ``input/<filename>`` (outputs IMAGE and its ComfyUI MASK, 1 - alpha)."""
+    return g.node("LoadImage", [filename, "image"], outputs=[("IMAGE", "IMAGE"), ("MASK", "MASK")], title=title,
+                  size=size)
+
+
+def checker_preview(g: Graph, foreground: tuple[int, int], alpha: tuple[int, int] | None = None,
+                    title: str | None = None, size=(380, 300)) -> int:
+    """Alpha Preview (checkerboard) of ``foreground`` (an RGBA IMAGE, or straight RGB with ``alpha``) into a
+    ``PreviewImage``; both given as (node, output slot)."""
+    links = {"foreground": ("IMAGE", foreground)}
+    if alpha is not None:
+        links["alpha"] = ("MASK", alpha)
+    prev = g.node("DM_AlphaPreview", {"mode": "checkerboard"}, links, [("preview", "IMAGE")])
+    return g.node("PreviewImage", [], {"images": ("IMAGE", (prev, 0))}, title=title, size=size)
+
+
 def alpha_tools() -> Graph:
     """Key-free alpha tools: an RGBA cut-out -> RGBA save, checkerboard preview, trimap preview."""
     g = Graph("Alpha tools (no keyer, no weights)")
-    load = g.node("LoadImage", ["dm_cutout.png", "image"], outputs=[("IMAGE", "IMAGE"), ("MASK", "MASK")],
-                  title="Load an RGBA cut-out (its MASK is 1 - alpha)", size=(320, 320))
+    load = load_image(g, "dm_cutout.png", "Load an RGBA cut-out (its MASK is 1 - alpha)", size=(320, 320))
     join = g.node("DM_JoinRGBA", {"mask_convention": COMFY_MASK}, {"foreground": ("IMAGE", (load, 0)), "mask": ("MASK", (load, 1))},
                   [("RGBA", "IMAGE")])
     g.node("SaveImage", ["dm_rgba"], {"images": ("IMAGE", (join, 0))}, size=(320, 300))
-    prev = g.node("DM_AlphaPreview", {"mode": "checkerboard"}, {"foreground": ("IMAGE", (join, 0))},
-                  [("preview", "IMAGE")])
-    g.node("PreviewImage", [], {"images": ("IMAGE", (prev, 0))}, size=(320, 300))
+    checker_preview(g, (join, 0), size=(320, 300))
     tri = g.node("DM_TrimapFromMask", {"mask_convention": COMFY_MASK, "erode_px": 8, "dilate_px": 8}, {"mask": ("MASK", (load, 1))}, [("trimap", "MASK")])
     img = g.node("MaskToImage", [], {"mask": ("MASK", (tri, 0))}, [("IMAGE", "IMAGE")])
     g.node("PreviewImage", [], {"images": ("IMAGE", (img, 0))}, size=(320, 300))
@@ -183,26 +201,21 @@ def alpha_tools() -> Graph:
 def trimap_matting() -> Graph:
     """Trimap matting without weights: photo + trimap image -> alpha, straight foreground, RGBA."""
     g = Graph("Trimap matting (no weights)")
-    photo = g.node("LoadImage", ["dm_trimap_photo.png", "image"], outputs=[("IMAGE", "IMAGE"), ("MASK", "MASK")],
-                   title="Photo", size=(380, 320))
-    tri_img = g.node("LoadImage", ["dm_trimap.png", "image"], outputs=[("IMAGE", "IMAGE"), ("MASK", "MASK")],
-                     title="Trimap (black = bg, grey = unknown, white = fg)", size=(380, 320))
+    photo = load_image(g, "dm_trimap_photo.png", "Photo")
+    tri_img = load_image(g, "dm_trimap.png", "Trimap (black = bg, grey = unknown, white = fg)")
     tri = g.node("ImageToMask", ["red"], {"image": ("IMAGE", (tri_img, 0))}, [("MASK", "MASK")])
     matte = g.node("DM_TrimapMatting", {},
                    {"image": ("IMAGE", (photo, 0)), "trimap": ("MASK", (tri, 0))},
                    [("alpha", "MASK"), ("foreground", "IMAGE"), ("rgba", "IMAGE")], size=(380, 300))
     g.node("SaveImage", ["dm_trimap_rgba"], {"images": ("IMAGE", (matte, 2))}, size=(380, 300))
-    prev = g.node("DM_AlphaPreview", {"mode": "checkerboard"},
-                  {"foreground": ("IMAGE", (matte, 1)), "alpha": ("MASK", (matte, 0))}, [("preview", "IMAGE")])
-    g.node("PreviewImage", [], {"images": ("IMAGE", (prev, 0))}, size=(380, 300))
+    checker_preview(g, (matte, 1), (matte, 0))
     return g
 
 
 def drip_matting() -> Graph:
     """DRIP: photo + coarse mask -> trimap -> DRIP Sampler -> transparency-decoder decode -> RGBA + preview."""
     g = Graph("DRIP matting (DRIP UNet + SD VAE + transparency decoder)")
-    photo = g.node("LoadImage", ["dm_drip_photo.png", "image"], outputs=[("IMAGE", "IMAGE"), ("MASK", "MASK")],
-                   title="Photo", size=(380, 320))
+    photo = load_image(g, "dm_drip_photo.png", "Photo")
     mask = g.node("LoadImageMask", ["dm_drip_mask.png", "red", "image"], outputs=[("MASK", "MASK")],
                   title="Coarse mask (white = foreground)", size=(380, 320))
     tri = g.node("DM_TrimapFromMask", [ALPHA, 6, 6, 0.5], {"mask": ("MASK", (mask, 0))}, [("trimap", "MASK")])
@@ -223,25 +236,19 @@ def drip_matting() -> Graph:
                  "decoder": ("DM_TRANSPARENCY_DECODER", (dec, 0))},
                 [("foreground", "IMAGE"), ("alpha", "MASK"), ("RGBA", "IMAGE")], size=(380, 300))
     g.node("SaveImage", ["dm_drip_rgba"], {"images": ("IMAGE", (td, 2))}, size=(380, 300))
-    prev = g.node("DM_AlphaPreview", {"mode": "checkerboard"},
-                  {"foreground": ("IMAGE", (td, 0)), "alpha": ("MASK", (td, 1))}, [("preview", "IMAGE")])
-    g.node("PreviewImage", [], {"images": ("IMAGE", (prev, 0))}, size=(380, 300))
+    checker_preview(g, (td, 0), (td, 1))
     return g
 
 
 def greenpost_key_photo() -> Graph:
     """Key an existing green-screen photo with GreenPost -> RGBA PNG, checkerboard preview, clean plate."""
     g = Graph("Key a green-screen photo with GreenPost (no weights)")
-    load = g.node("LoadImage", ["dm_greenscreen.png", "image"], outputs=[("IMAGE", "IMAGE"), ("MASK", "MASK")],
-                  title="Green-screen photo", size=(380, 320))
+    load = load_image(g, "dm_greenscreen.png", "Green-screen photo")
     gp = g.node("DM_GreenPost", {},
                 {"image": ("IMAGE", (load, 0))},
-                [("foreground", "IMAGE"), ("alpha", "MASK"), ("rgba", "IMAGE"), ("clean_plate", "IMAGE"),
-                 ("key", "STRING")], size=(380, 330))
+                GREENPOST_OUTPUTS, size=(380, 330))
     g.node("SaveImage", ["dm_greenpost"], {"images": ("IMAGE", (gp, 2))}, size=(380, 300))
-    prev = g.node("DM_AlphaPreview", {"mode": "checkerboard"},
-                  {"foreground": ("IMAGE", (gp, 0)), "alpha": ("MASK", (gp, 1))}, [("preview", "IMAGE")])
-    g.node("PreviewImage", [], {"images": ("IMAGE", (prev, 0))}, size=(380, 300))
+    checker_preview(g, (gp, 0), (gp, 1))
     g.node("PreviewImage", [], {"images": ("IMAGE", (gp, 3))}, title="Clean plate", size=(380, 300))
     return g
 
@@ -264,19 +271,15 @@ def greenpost_bmv2() -> Graph:
     clean plate."""
     g = Graph("Key a green-screen photo with GreenPost + BackgroundMattingV2")
     g.note(BMV2_NOTE, title="BackgroundMattingV2 weights", size=(400, 260))
-    load = g.node("LoadImage", ["dm_greenscreen.png", "image"], outputs=[("IMAGE", "IMAGE"), ("MASK", "MASK")],
-                  title="Green-screen photo", size=(380, 320))
+    load = load_image(g, "dm_greenscreen.png", "Green-screen photo")
     bm = g.node("DM_BackgroundMattingLoader", [BMV2_FILE, "auto", "sampling", 0, 0.1],
                 outputs=[("refiner", "DM_BMV2")], title="Load BackgroundMattingV2 (models/background_matting)",
                 size=(380, 200))
     gp = g.node("DM_GreenPost", {},
                 {"image": ("IMAGE", (load, 0)), "refiner": ("DM_BMV2", (bm, 0))},
-                [("foreground", "IMAGE"), ("alpha", "MASK"), ("rgba", "IMAGE"), ("clean_plate", "IMAGE"),
-                 ("key", "STRING")], size=(380, 330))
+                GREENPOST_OUTPUTS, size=(380, 330))
     g.node("SaveImage", ["dm_greenpost_bmv2"], {"images": ("IMAGE", (gp, 2))}, size=(380, 300))
-    prev = g.node("DM_AlphaPreview", {"mode": "checkerboard"},
-                  {"foreground": ("IMAGE", (gp, 0)), "alpha": ("MASK", (gp, 1))}, [("preview", "IMAGE")])
-    g.node("PreviewImage", [], {"images": ("IMAGE", (prev, 0))}, size=(380, 300))
+    checker_preview(g, (gp, 0), (gp, 1))
     g.node("PreviewImage", [], {"images": ("IMAGE", (gp, 3))}, title="Clean plate", size=(380, 300))
     return g
 
@@ -367,15 +370,12 @@ def green_canvas(family: str = "sd15", lora: bool = False, controlnet: bool = Fa
                  [("image", "IMAGE"), ("alpha", "MASK"), ("mask_source", "STRING")], size=(380, 150))
     gp = g.node("DM_GreenPost", {"mask_convention": ALPHA},
                 {"image": ("IMAGE", (dec, 0)), "coarse_mask": ("MASK", (dec, 1))},
-                [("foreground", "IMAGE"), ("alpha", "MASK"), ("rgba", "IMAGE"), ("clean_plate", "IMAGE"),
-                 ("key", "STRING")], size=(380, 330))
+                GREENPOST_OUTPUTS, size=(380, 330))
     g.node("PreviewImage", [], {"images": ("IMAGE", (dec, 0))}, title="Generated image (green canvas)",
            size=(380, 320))
     g.node("SaveImage", [f"dm_green_canvas_{family}" + ("_lora_cn" if lora or controlnet else "")],
            {"images": ("IMAGE", (gp, 2))}, title="Save RGBA PNG", size=(380, 320))
-    prev = g.node("DM_AlphaPreview", {"mode": "checkerboard"},
-                  {"foreground": ("IMAGE", (gp, 0)), "alpha": ("MASK", (gp, 1))}, [("preview", "IMAGE")])
-    g.node("PreviewImage", [], {"images": ("IMAGE", (prev, 0))}, title="Cut-out on a checkerboard", size=(380, 320))
+    checker_preview(g, (gp, 0), (gp, 1), title="Cut-out on a checkerboard", size=(380, 320))
     return g
 
 
@@ -442,16 +442,13 @@ def matting_data_factory() -> Graph:
                  [("image", "IMAGE"), ("alpha", "MASK"), ("mask_source", "STRING")], size=(380, 150))
     gp = g.node("DM_GreenPost", {"mask_convention": ALPHA},
                 {"image": ("IMAGE", (dec, 0)), "coarse_mask": ("MASK", (dec, 1))},
-                [("foreground", "IMAGE"), ("alpha", "MASK"), ("rgba", "IMAGE"), ("clean_plate", "IMAGE"),
-                 ("key", "STRING")], size=(380, 330))
+                GREENPOST_OUTPUTS, size=(380, 330))
     # caption / prompt / seed are socket-only (force_input): no widget, no entry in widgets_values
     g.node("DM_SaveMattingSample", {"subfolder": DATASET_SUBFOLDER, "prefix": "gen", "mask_convention": ALPHA},
            {"image": ("IMAGE", (dec, 0)), "alpha": ("MASK", (gp, 1)), "foreground": ("IMAGE", (gp, 0)),
             "caption": ("STRING", (sample, 3)), "prompt": ("STRING", (prompt, 0)), "seed": ("INT", (seed, 0))},
            title="Save Matting Sample", size=(380, 230))
-    prev = g.node("DM_AlphaPreview", {"mode": "checkerboard"},
-                  {"foreground": ("IMAGE", (gp, 0)), "alpha": ("MASK", (gp, 1))}, [("preview", "IMAGE")])
-    g.node("PreviewImage", [], {"images": ("IMAGE", (prev, 0))}, title="Cut-out on a checkerboard", size=(380, 320))
+    checker_preview(g, (gp, 0), (gp, 1), title="Cut-out on a checkerboard", size=(380, 320))
     return g
 
 
