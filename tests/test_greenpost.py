@@ -15,6 +15,7 @@ from PIL import Image
 from diffusion_matting.py import metrics
 from diffusion_matting.py.cli import main
 from diffusion_matting.py.errors import UserError
+from diffusion_matting.py.imageio import load_image
 from diffusion_matting.py.greenpost import (_box5, _downsample, _half, _lstsq_rows, _subsample, _upf, _Upsampler,
                                             color_hex, estimate_plate, greenpost, key_basis, key_signal, kmeans,
                                             soft_clip)
@@ -361,6 +362,34 @@ def test_cli_key_writes_rgba_of_same_size_and_refuses_overwrite(tmp_path, capsys
     assert len(z9) < len(z0)
     assert np.array_equal(np.asarray(Image.open(tmp_path / "o9" / "one.png")), np.asarray(Image.open(tmp_path / "o0" / "one.png")))
 
+
+
+def test_cli_key_writes_behind_keying_in_order_and_stops_on_a_failed_write(tmp_path, monkeypatch):
+    from diffusion_matting.py.commands import key as key_cmd
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(3):
+        s = sample("studio", size=64, seed=20 + i)
+        Image.fromarray((s.image * 255 + 0.5).astype(np.uint8)).save(src / f"f{i}.png")
+    # the threaded writer gives the same files as keying and saving one by one
+    assert main(["key", str(src), "--out", str(tmp_path / "out")]) == 0
+    for i in range(3):
+        image, _ = load_image(src / f"f{i}.png")
+        res = greenpost(image)
+        got = np.asarray(Image.open(tmp_path / "out" / f"f{i}.png")).astype(np.float32) / 255.0
+        assert np.abs(got[..., 3] - res.alpha[0].numpy()).max() <= 0.5 / 255 + 1e-6
+    # a write that fails stops the run: the error reaches the caller, no later file is written
+    calls = []
+
+    def failing_save(path, *a, **k):
+        calls.append(path)
+        raise OSError(f"disk full writing {path}")
+
+    monkeypatch.setattr(key_cmd, "save_rgba", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        main(["key", str(src), "--out", str(tmp_path / "out2")])
+    assert len(calls) == 1 and not any((tmp_path / "out2").glob("*.png"))
 
 # ------------------------------------------------------------------------------------------ screen or not
 def _smooth_field(rng, h, w, cells, channels):

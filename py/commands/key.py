@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from tqdm import tqdm
@@ -54,19 +56,28 @@ def run(args) -> int:
     targets = [output_path(out, p.stem, overwrite=args.overwrite) for p in paths]  # fail before any work
     if len({t for t in targets}) != len(targets):
         raise UserError("two inputs share a file name stem; their outputs would overwrite each other")
-    for path, target in tqdm(list(zip(paths, targets)), desc="keying", unit="img"):
-        image, _ = load_image(path)
-        mask_path, plate_path = _companion(args.mask, path.stem), _companion(args.plate, path.stem)
-        mask = load_mask(mask_path) if mask_path else None
-        plate = load_image(plate_path)[0] if plate_path else None
-        for name, t in (("mask", mask), ("plate", plate)):
-            if t is not None and tuple(t.shape[1:3]) != tuple(image.shape[1:3]):
-                raise UserError(f"{name} {t.shape[2]}x{t.shape[1]} does not match {path.name} "
-                                f"{image.shape[2]}x{image.shape[1]} (WxH)")
-        res = greenpost(image, mask=mask, plate=plate, key_color=key, strict=args.strict,
-                        mask_holdout=args.holdout)
-        for w in res.warnings:
-            tqdm.write(f"{path.name}: warning: {w}")
-        save_rgba(target, res.foreground[0].cpu(), res.alpha[0].cpu(), compress_level=args.compress_level)
+    # PNG writing (zlib, outside the GIL) overlaps the next image's keying: at most one file is in flight, so
+    # memory stays flat, outputs keep their order, and a failed write stops the run at the next image
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dm-key-writer") as writer:
+        pending: deque = deque()
+        for path, target in tqdm(list(zip(paths, targets)), desc="keying", unit="img"):
+            image, _ = load_image(path)
+            mask_path, plate_path = _companion(args.mask, path.stem), _companion(args.plate, path.stem)
+            mask = load_mask(mask_path) if mask_path else None
+            plate = load_image(plate_path)[0] if plate_path else None
+            for name, t in (("mask", mask), ("plate", plate)):
+                if t is not None and tuple(t.shape[1:3]) != tuple(image.shape[1:3]):
+                    raise UserError(f"{name} {t.shape[2]}x{t.shape[1]} does not match {path.name} "
+                                    f"{image.shape[2]}x{image.shape[1]} (WxH)")
+            res = greenpost(image, mask=mask, plate=plate, key_color=key, strict=args.strict,
+                            mask_holdout=args.holdout)
+            for w in res.warnings:
+                tqdm.write(f"{path.name}: warning: {w}")
+            while pending:
+                pending.popleft().result()
+            pending.append(writer.submit(save_rgba, target, res.foreground[0].cpu(), res.alpha[0].cpu(),
+                                         compress_level=args.compress_level))
+        while pending:
+            pending.popleft().result()
     print(f"wrote {len(paths)} RGBA PNG(s) to {out.resolve()}")
     return 0
