@@ -14,6 +14,12 @@
   lists the finished jobs (all lines of a job are appended in one write, after its files). Each job has a
   fixed ``prompt_id`` (derived from the run id), so a restarted factory finds jobs a killed one had queued
   (``/queue``) or finished (``/history``) and waits for / downloads them instead of queueing them again.
+  Failures: a job that fails while running on a server (an execution error such as running out of memory,
+  an interruption, a download that does not match its sha256) is queued again, on any server, up to
+  ``retries`` times, each retry under a new ``prompt_id`` (``job-<j>-retry<n>``; tries an earlier run saw
+  fail are skipped, not counted); a rejected prompt (HTTP 400: the workflow does not validate) or a timeout
+  stops the run. A job that fails every try stops the run, or with ``keep_going`` is set aside while the
+  others go on; the run then ends with an error that lists those jobs, and running it again tries just them.
 """
 
 from __future__ import annotations
@@ -58,6 +64,10 @@ except ImportError:  # pragma: no cover - Windows: no lock against two factories
 
 class ServerError(UserError):
     """The server refused a request (HTTP error status) or a prompt failed; the message says why."""
+
+
+class JobFailed(ServerError):
+    """A queued prompt failed while it ran (execution error, interruption, bad download): worth a retry."""
 
 
 class ServerUnavailable(OSError):
@@ -336,9 +346,9 @@ class ComfyClient:
                         on_event(event)
                     kind = event.get("type")
                     if kind == "execution_error":
-                        raise ServerError(_execution_error_text(self.url, prompt_id, data))
+                        raise JobFailed(_execution_error_text(self.url, prompt_id, data))
                     if kind == "execution_interrupted":
-                        raise ServerError(f"{self.url}: prompt {prompt_id} was interrupted on the server")
+                        raise JobFailed(f"{self.url}: prompt {prompt_id} was interrupted on the server")
                     done = kind == "execution_success" or (kind == "executing" and data.get("node") is None)
             if done or time.monotonic() >= next_poll:
                 entry = self.history(prompt_id)
@@ -358,8 +368,8 @@ def _check_history(url: str, prompt_id: str, entry: dict) -> dict:
     if status.get("status_str") == "error":
         for event, data in status.get("messages") or []:
             if event == "execution_error":
-                raise ServerError(_execution_error_text(url, prompt_id, data))
-        raise ServerError(f"{url}: prompt {prompt_id} failed (status error)")
+                raise JobFailed(_execution_error_text(url, prompt_id, data))
+        raise JobFailed(f"{url}: prompt {prompt_id} failed (status error)")
     return entry
 
 
@@ -482,11 +492,14 @@ class Factory:
                  seed: int | None = None, prefix: str = "sample", prompt_title: str = "prompt",
                  seed_title: str = "seed", job_timeout: float = 3600.0, poll_interval: float = 1.0,
                  use_websocket: bool = True, log: Callable[[str], None] | None = None,
-                 workflow_id: str | None = None):
+                 workflow_id: str | None = None, retries: int = 2, keep_going: bool = False):
         if not servers:
             raise UserError("give at least one --server")
         if count < 0:
             raise UserError("--count must be >= 0")
+        if retries < 0:
+            raise UserError("--retries must be >= 0")
+        self.retries, self.keep_going = int(retries), bool(keep_going)
         self.out = Path(out)
         if self.out.exists() and not self.out.is_dir():
             raise UserError(f"--out {self.out} exists and is not a folder")
@@ -504,6 +517,9 @@ class Factory:
         self._stop = threading.Event()
         self._errors: list[BaseException] = []
         self.results: list[JobResult] = []
+        self.attempts: dict[int, int] = {}  # job -> failed tries so far (this call)
+        self._next_try: dict[int, int] = {}  # job -> the try number (prompt_id) to use next
+        self.failed: dict[int, str] = {}    # job -> last error, jobs given up on (keep_going)
 
     # -- state ---------------------------------------------------------------------------------------
     def _load_state(self) -> dict:
@@ -530,8 +546,9 @@ class Factory:
     def done_jobs(self) -> set[int]:
         return {int(e["job"]) for e in D.read_manifest(self.out) if "job" in e}
 
-    def job_prompt_id(self, job: int) -> str:
-        return str(uuid.uuid5(uuid.UUID(self.state["run_id"]), f"job-{job}"))
+    def job_prompt_id(self, job: int, attempt: int = 0) -> str:
+        """Fixed per job and try, so a restarted run finds what an earlier one queued or finished."""
+        return str(uuid.uuid5(uuid.UUID(self.state["run_id"]), f"job-{job}" + (f"-retry{attempt}" if attempt else "")))
 
     def job_seed(self, job: int) -> int:
         return (int(self.state["seed"]) + job) % SEED_MODULUS
@@ -600,6 +617,11 @@ class Factory:
             raise
         if self._errors:
             raise self._errors[0]
+        if self.failed:
+            jobs_ = sorted(self.failed)
+            raise UserError(f"{len(jobs_)} job(s) failed {self.retries + 1} time(s) and were set aside: {jobs_[:10]}"
+                            f"{' ...' if len(jobs_) > 10 else ''}; last error: {self.failed[jobs_[-1]]}. "
+                            "Run the same command again to try just those")
         missing = sorted(set(range(self.count)) - self.done_jobs())
         if missing:
             raise UserError(f"{len(missing)} job(s) not done (every server failed): {missing[:10]}")
@@ -614,6 +636,20 @@ class Factory:
                     return
                 try:
                     res = self._do_job(client, job)
+                except JobFailed as exc:
+                    with self._manifest_lock:
+                        tries = self.attempts[job] = self.attempts.get(job, 0) + 1
+                        self._next_try[job] = self._next_try.get(job, 0) + 1  # a retry gets a new prompt_id
+                    if tries <= self.retries:
+                        self.log(f"job {job}: {exc}; retry {tries}/{self.retries}")
+                        jobs.put(job)
+                        continue
+                    if not self.keep_going:
+                        raise
+                    self.log(f"job {job}: {exc}; failed {tries} time(s), set aside (--keep-going)")
+                    with self._manifest_lock:
+                        self.failed[job] = str(exc)
+                    continue
                 except ServerUnavailable as exc:
                     jobs.put(job)  # another server takes it
                     with self._manifest_lock:
@@ -634,12 +670,13 @@ class Factory:
             client.close()
 
     def _find_elsewhere(self, pid: str) -> tuple[ComfyClient, str] | None:
-        """A server that already has this job's prompt (an earlier, interrupted run): finished or queued."""
+        """A server that already has this job's prompt (an earlier, interrupted run): finished ("history"),
+        finished with an error ("failed") or queued."""
         for c in self.clients:
             try:
                 entry = c.history(pid)
                 if entry is not None:
-                    return c, "history"
+                    return c, "failed" if (entry.get("status") or {}).get("status_str") == "error" else "history"
                 if pid in c.queued():
                     return c, "queued"
             except ServerUnavailable:
@@ -648,9 +685,15 @@ class Factory:
 
     def _do_job(self, client: ComfyClient, job: int) -> JobResult:
         t0 = time.perf_counter()
-        pid = self.job_prompt_id(job)
         text, seed = self.job_text(job), self.job_seed(job)
-        found = self._find_elsewhere(pid)
+        attempt = self._next_try.get(job, 0)
+        while True:  # tries that an earlier run saw fail are skipped, not counted as this run's retries
+            pid = self.job_prompt_id(job, attempt)
+            found = self._find_elsewhere(pid)
+            if found is None or found[1] != "failed":
+                break
+            attempt += 1
+        self._next_try[job] = attempt
         reused = ""
         if found is None:
             client.connect()
@@ -681,7 +724,7 @@ class Factory:
                 data = client.view(filename, sub, "output")
                 want = (s.get("sha256") or {}).get(kind)
                 if want and D.sha256(data) != want:
-                    raise ServerError(f"{client.url}: {sub}/{filename} differs from its sha256 in the node's report")
+                    raise JobFailed(f"{client.url}: {sub}/{filename} differs from its sha256 in the node's report")
                 files[kind] = data
             missing = set(D.IMAGE_KINDS) - set(files)
             if missing:

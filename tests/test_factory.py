@@ -195,6 +195,8 @@ class FakeComfy(http.server.ThreadingHTTPServer):
         self.executed: list[str] = []
         self.reject_prompts = False      # POST /prompt answers 400 (a prompt that fails validation)
         self.fail_execution = False      # the save node raises
+        self.fail_next = 0               # ... for the next N executions only (a transient error: OOM)
+        self.fail_text = None            # ... whenever the prompt text contains this (a deterministic error)
         self.closed = False
         self.url = f"http://127.0.0.1:{self.server_address[1]}"
         self.threads = [threading.Thread(target=self.serve_forever, daemon=True),
@@ -268,11 +270,14 @@ class FakeComfy(http.server.ThreadingHTTPServer):
             if node["class_type"] != "DM_SaveMattingSample":
                 continue
             self.send("executing", {"node": nid, "display_node": nid, "prompt_id": pid}, sid)
-            if self.fail_execution:
-                raise RuntimeError("out of green paint")
             inp = node["inputs"]
             samp = prompt[inp["image"][0]]["inputs"]
             text = prompt[samp["positive"][0]]["inputs"]["text"]
+            with self.lock:
+                transient = self.fail_next > 0
+                self.fail_next -= transient
+            if self.fail_execution or transient or (self.fail_text and self.fail_text in text):
+                raise RuntimeError("out of green paint")
             w, h, seed = samp["width"], samp["height"], samp["seed"]
             yy, xx = np.mgrid[0:h, 0:w]
             alpha = torch.from_numpy(((xx - w / 2) ** 2 + (yy - h / 2) ** 2 < (min(w, h) / 3) ** 2).astype(np.float32))
@@ -542,6 +547,45 @@ def test_server_error_responses(fake, tmp_path):
     s.stop()
     with pytest.raises(UserError, match="no --server could be reached"):
         F.Factory([dead], fake_workflow(), ["x"], 1, tmp_path / "c", log=lambda m: None).run()
+
+
+def test_failed_jobs_are_retried_under_new_prompt_ids(fake, tmp_path):
+    s = fake()
+    s.fail_next = 3  # the first three executions fail (a transient server error)
+    prompts = ("a red fox", "a blue vase", "a tall lamp")
+    out = tmp_path / "ds"
+    f = _factory([s], out, 4, prompts, retries=3)
+    f.run()
+    _check_dataset(out, 4, prompts)  # every job once, with its own prompt and seed
+    assert len(s.submitted) == 4 + 3 and len(set(s.submitted)) == 7  # each retry under its own prompt_id
+    assert sum(f.attempts.values()) == 3
+    # with no retries the first failure stops the run, naming the node and the error
+    s.fail_next = 1
+    with pytest.raises(F.JobFailed, match=r"node 7 \(DM_SaveMattingSample\): RuntimeError: out of green paint"):
+        _factory([s], tmp_path / "ds2", 2, prompts, retries=0).run()
+
+
+def test_keep_going_sets_failing_jobs_aside_and_a_rerun_tries_just_those(fake, tmp_path):
+    s = fake()
+    s.fail_text = "vase"  # jobs 1 and 4 (prompt j % 3 == 1) fail every time
+    prompts = ("a red fox", "a blue vase", "a tall lamp")
+    out = tmp_path / "ds"
+    with pytest.raises(UserError, match=r"2 job\(s\) failed 2 time\(s\) and were set aside: \[1, 4\]"):
+        _factory([s], out, 6, prompts, retries=1, keep_going=True).run()
+    assert sorted(e["job"] for e in D.read_manifest(out)) == [0, 2, 3, 5]
+    assert len(s.submitted) == 4 + 2 * 2
+    # without --keep-going the first job that fails every try stops the run
+    with pytest.raises(F.JobFailed, match="out of green paint"):
+        _factory([s], tmp_path / "ds2", 6, prompts, retries=1).run()
+    # fixed server: the rerun queues only jobs 1 and 4, skipping (not counting) the tries that failed before
+    s.fail_text = None
+    before = len(s.submitted)
+    f = _factory([s], out, 6, prompts, retries=0)
+    f.run()
+    _check_dataset(out, 6, prompts)
+    new = s.submitted[before:]
+    assert len(new) == 2 and f.attempts == {}
+    assert set(new) == {f.job_prompt_id(1, 2), f.job_prompt_id(4, 2)}  # tries 0 and 1 failed in the first run
 
 
 def test_cli_sigkill_and_restart(fake, tmp_path, capsys):

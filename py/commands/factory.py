@@ -34,6 +34,12 @@ def register(sub) -> None:
     p.add_argument("--poll", type=float, default=1.0, metavar="SEC",
                    help="how often to ask /history when events are quiet (1.0)")
     p.add_argument("--no-websocket", action="store_true", help="poll /history instead of listening on /ws")
+    p.add_argument("--retries", type=int, default=2, metavar="N",
+                   help="queue a job that fails on a server (execution error, interruption, bad download) again, "
+                        "on any server, up to N times (2); a prompt the server rejects or a timeout stops the run")
+    p.add_argument("--keep-going", action="store_true",
+                   help="set aside a job that fails every try and go on with the others; the run then ends with "
+                        "an error listing them (run the same command again to try just those)")
     p.set_defaults(func=run)
 
 
@@ -52,7 +58,8 @@ def run(args) -> int:
     factory = Factory(args.server, workflow, prompts, args.count, args.out, seed=args.seed, prefix=args.prefix,
                       prompt_title=args.prompt_title, seed_title=args.seed_title, job_timeout=args.timeout,
                       poll_interval=args.poll, use_websocket=not args.no_websocket,
-                      workflow_id=hashlib.sha256(Path(args.workflow).read_bytes()).hexdigest())
+                      workflow_id=hashlib.sha256(Path(args.workflow).read_bytes()).hexdigest(),
+                      retries=args.retries, keep_going=args.keep_going)
     try:
         results = factory.run()
     except TimeoutError as exc:
