@@ -61,6 +61,24 @@ class _Stop(Exception):
         self.value = value
 
 
+def input_of(module: nn.Module, run: Callable[[], object], what: str) -> torch.Tensor:
+    """Call ``run()`` until it reaches ``module``; return ``module``'s first positional input (a forward
+    pre-hook stops the pass there, so nothing after it is computed). ``RuntimeError`` naming ``what`` if it
+    never does."""
+
+    def hook(_m, args):
+        raise _Stop(args[0])
+
+    handle = module.register_forward_pre_hook(hook)
+    try:
+        run()
+    except _Stop as stop:
+        return stop.value
+    finally:
+        handle.remove()
+    raise RuntimeError(f"{what} was never reached")
+
+
 # ----------------------------------------------------------------------------------- group statistics
 class GroupStats:
     """Per-(sample, group) mean and M2 of a ``[B,C,H,W]`` tensor seen in disjoint pieces (float64, CPU)."""
@@ -250,17 +268,7 @@ class TiledDecoder:
     store_device: torch.device | str | None = None
 
     def prefix(self, z: torch.Tensor) -> torch.Tensor:
-        def hook(_m, args):
-            raise _Stop(args[0])
-
-        handle = self.plan.entry.register_forward_pre_hook(hook)
-        try:
-            self.run_decode(z)
-        except _Stop as stop:
-            return stop.value
-        finally:
-            handle.remove()
-        raise RuntimeError("the decoder never reached its up path")
+        return input_of(self.plan.entry, lambda: self.run_decode(z), "the decoder's up path")
 
     def _run(self, fn, inputs, halo, up, grid, groups, store, step):
         """Run ``fn`` over the disjoint cores ``grid`` (rows x cols at the inputs' resolution) with ``halo``

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .decoder_tiles import TiledDecoder, diffusers_decoder_plan, input_of
 from .errors import UserError
 
 FORMAT_NAME = "diffusion-matting.matting-head"
@@ -198,12 +199,6 @@ def load_matting_head(path: str | os.PathLike, operations=nn, device=None, dtype
 
 
 # -------------------------------------------------------------------------- feature tap (diffusers)
-class _StopDecode(Exception):
-    def __init__(self, feature):
-        super().__init__("feature captured")
-        self.feature = feature
-
-
 def _diffusers_norm_out(vae) -> nn.Module:
     dec = getattr(vae, "decoder", None)
     norm = getattr(dec, "conv_norm_out", None)
@@ -234,20 +229,9 @@ def decode_with_features_diffusers(vae, latents: torch.Tensor) -> tuple[torch.Te
 def features_diffusers(vae, latents: torch.Tensor) -> torch.Tensor:
     """Only the tapped feature (stops the decoder at ``conv_norm_out``; used for training)."""
     norm = _diffusers_norm_out(vae)
-
-    def hook(_m, args):
-        raise _StopDecode(args[0])
-
-    handle = norm.register_forward_pre_hook(hook)
-    try:
-        if getattr(vae, "use_slicing", False) or getattr(vae, "use_tiling", False):
-            raise UserError("features_diffusers: disable the VAE's slicing/tiling (vae.disable_slicing())")
-        vae.decode(latents)
-    except _StopDecode as stop:
-        return stop.feature
-    finally:
-        handle.remove()
-    raise RuntimeError("the VAE decoder never reached conv_norm_out")
+    if getattr(vae, "use_slicing", False) or getattr(vae, "use_tiling", False):
+        raise UserError("features_diffusers: disable the VAE's slicing/tiling (vae.disable_slicing())")
+    return input_of(norm, lambda: vae.decode(latents), "the VAE decoder's conv_norm_out")
 
 
 def _join_captures(captured: list[torch.Tensor], rgb: torch.Tensor, what: str) -> torch.Tensor:
@@ -434,8 +418,6 @@ def diffusers_decode_fn(vae, store_device=None) -> Callable[[torch.Tensor], tupl
     """``decode_fn`` for :func:`decode_with_matte` over a diffusers ``AutoencoderKL`` (RGB in -1..1); it
     carries a shared-statistics :class:`~decoder_tiles.TiledDecoder` as ``.tiled`` (``store_device``: where
     the whole-image stage tensors live; default the VAE's device)."""
-    from .decoder_tiles import TiledDecoder, diffusers_decoder_plan
-
     def decode_fn(z):
         return decode_with_features_diffusers(vae, z)
 
