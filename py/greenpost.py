@@ -323,24 +323,16 @@ def _nresize(x: np.ndarray, h: int, w: int) -> np.ndarray:
     table (the same arithmetic, ``a + (b - a) lam``, so both give identical values), in place, which
     costs a third of the slice version on the tiny levels of a pyramid."""
     small = x.size <= 4096
-    if h == 2 * x.shape[-2] and not small:
-        x = _nup2(x, x.ndim - 2)
-    elif x.shape[-2] != h:
-        i0, i1, lam = _lerp_table(x.shape[-2], h)
-        a = x.take(i0, -2)
-        x = x.take(i1, -2)
-        x -= a
-        x *= lam[:, None]
-        x += a
-    if w == 2 * x.shape[-1] and not small:
-        x = _nup2(x, x.ndim - 1)
-    elif x.shape[-1] != w:
-        i0, i1, lam = _lerp_table(x.shape[-1], w)
-        a = x.take(i0, -1)
-        x = x.take(i1, -1)
-        x -= a
-        x *= lam
-        x += a
+    for axis, n in ((-2, h), (-1, w)):
+        if n == 2 * x.shape[axis] and not small:
+            x = _nup2(x, x.ndim + axis)
+        elif x.shape[axis] != n:
+            i0, i1, lam = _lerp_table(x.shape[axis], n)
+            a = x.take(i0, axis)
+            x = x.take(i1, axis)
+            x -= a
+            x *= lam[:, None] if axis == -2 else lam
+            x += a
     return x
 
 
@@ -662,13 +654,10 @@ def estimate_plate(small: np.ndarray, key: np.ndarray, bg_hint: np.ndarray | Non
     return push_pull(smooth, (den > 0.3) * np.minimum(den, _F32(1.0))), wgt[0], radius
 
 
-def _lstsq_rows(basis, values):
-    """Least-squares ``coef`` ``[m,c]`` with ``values ~ coef.T @ basis`` (``basis`` ``[m,N]``, ``values``
-    ``[c,N]``; numpy or torch, float32 result of the same kind) by the normal equations in float64 (a
-    few-term polynomial basis on -1..1 is well conditioned; a LAPACK least-squares call costs several
-    times more for these tiny systems)."""
-    if isinstance(basis, torch.Tensor):
-        return torch.from_numpy(_lstsq_rows(basis.cpu().numpy(), values.cpu().numpy())).to(basis.device)
+def _lstsq_rows(basis: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Least-squares ``coef`` ``[m,c]`` (float32) with ``values ~ coef.T @ basis`` (``basis`` ``[m,N]``,
+    ``values`` ``[c,N]``) by the normal equations in float64 (a few-term polynomial basis on -1..1 is well
+    conditioned; a LAPACK least-squares call costs several times more for these tiny systems)."""
     b = basis.astype(np.float64)
     v = values.astype(np.float64)
     try:
