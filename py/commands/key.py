@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from tqdm import tqdm
@@ -59,7 +58,7 @@ def run(args) -> int:
     # PNG writing (zlib, outside the GIL) overlaps the next image's keying: at most one file is in flight, so
     # memory stays flat, outputs keep their order, and a failed write stops the run at the next image
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dm-key-writer") as writer:
-        pending: deque = deque()
+        pending: Future | None = None
         for path, target in tqdm(list(zip(paths, targets)), desc="keying", unit="img"):
             image, _ = load_image(path)
             mask_path, plate_path = _companion(args.mask, path.stem), _companion(args.plate, path.stem)
@@ -73,11 +72,11 @@ def run(args) -> int:
                             mask_holdout=args.holdout)
             for w in res.warnings:
                 tqdm.write(f"{path.name}: warning: {w}")
-            while pending:
-                pending.popleft().result()
-            pending.append(writer.submit(save_rgba, target, res.foreground[0].cpu(), res.alpha[0].cpu(),
-                                         compress_level=args.compress_level))
-        while pending:
-            pending.popleft().result()
+            if pending is not None:
+                pending.result()  # the previous image's write: raises what it raised
+            pending = writer.submit(save_rgba, target, res.foreground[0].cpu(), res.alpha[0].cpu(),
+                                    compress_level=args.compress_level)
+        if pending is not None:
+            pending.result()
     print(f"wrote {len(paths)} RGBA PNG(s) to {out.resolve()}")
     return 0
