@@ -178,10 +178,8 @@ class VAEDecodeWithMatte(io.ComfyNode):
         models = [vae.patcher] + ([head.patcher] if head is not None else [])
         mm.load_models_gpu(models, memory_required=need, force_full_load=vae.disable_offload)
         batch = min(B, max(1, int(mm.get_free_memory(vae.device) / max(1, need))))
-        jobs = 0
-        for i in range(0, B, batch):
-            jobs += decode_jobs(latents[i:i + batch].shape, comfy_decode_fn(vae), tile, ov)
-        pbar = progress(jobs)
+        chunks = (B + batch - 1) // batch  # every chunk has the same tile jobs (they do not depend on B)
+        pbar = progress(chunks * decode_jobs(latents.shape, comfy_decode_fn(vae), tile, ov))
 
         images, mattes, passes, fell_back, shared = [], [], 0, False, True
         for i in range(0, B, batch):
