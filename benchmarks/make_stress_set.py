@@ -11,10 +11,10 @@ Each case ``<src>/<case>/{fg,alpha}.png`` (straight foreground, alpha) is compos
 * ``B``: :func:`diffusion_matting.py.samples.render_plate` (``--style`` pure / studio / uneven) in one of four
   greens that differ from the usual studio green (dull, bright bluish, yellowish, dark), cycling over the
   cases, and exposed at a random gain in ``[dim, 1]`` (a dim screen has a weak key signal);
-* ``F_s = clip(F + spill * sqrt(1 - a) * max(B - mean(F), 0))``: screen light spilling onto thin and
-  translucent parts (the ground truth stays the spill-free ``F``);
-* Gaussian sensor noise of std ``--noise``, then 8-bit quantisation and JPEG at quality ``--jpeg``
-  (100 = lossless PNG).
+* spill, sensor noise and JPEG as in the shipped samples (:func:`diffusion_matting.py.samples.shoot`):
+  ``F_s = clip(F + spill * sqrt(1 - a) * max(B - mean(F), 0))``, screen light spilling onto thin and
+  translucent parts (the ground truth stays the spill-free ``F``); Gaussian noise of std ``--noise``;
+  JPEG at quality ``--jpeg`` (100 = none: saved as 8-bit PNG).
 
 Writes ``OUT/<case>/{image,alpha,fg}.png`` (the layout ``bench_greenpost.py --data`` reads); refuses a
 non-empty ``OUT``.
@@ -23,7 +23,6 @@ non-empty ``OUT``.
 from __future__ import annotations
 
 import argparse
-import io
 import sys
 from pathlib import Path
 
@@ -39,24 +38,8 @@ def _load(path: Path, mode: str) -> np.ndarray:
     return np.asarray(Image.open(path).convert(mode), dtype=np.float32) / 255.0
 
 
-def composite(fg: np.ndarray, alpha: np.ndarray, plate: np.ndarray, spill: float, noise: float, jpeg: int,
-              rng: np.random.Generator) -> np.ndarray:
-    """The observed 8-bit image ``[H,W,3]`` (uint8) of ``fg`` over ``plate`` (see the module docstring)."""
-    edge = np.sqrt(np.clip(1.0 - alpha, 0.0, 1.0))[..., None]
-    observed = np.clip(fg + spill * edge * np.clip(plate - fg.mean(-1, keepdims=True), 0.0, None), 0.0, 1.0)
-    image = alpha[..., None] * observed + (1.0 - alpha[..., None]) * plate
-    image = np.clip(image + rng.normal(0.0, noise, image.shape), 0.0, 1.0)
-    u8 = (image * 255.0 + 0.5).astype(np.uint8)
-    if jpeg >= 100:
-        return u8
-    buf = io.BytesIO()
-    Image.fromarray(u8).save(buf, "JPEG", quality=int(jpeg))
-    buf.seek(0)
-    return np.asarray(Image.open(buf).convert("RGB"))
-
-
 def main(argv: list[str] | None = None) -> int:
-    from diffusion_matting.py.samples import render_plate
+    from diffusion_matting.py.samples import render_plate, shoot
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("out", type=Path)
@@ -85,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
         plate = plate * rng.uniform(args.dim, 1.0)
         out = args.out / case
         out.mkdir(parents=True)
-        Image.fromarray(composite(fg, alpha, plate, args.spill, args.noise, args.jpeg, rng)).save(out / "image.png")
+        image = shoot(fg, alpha, plate, args.spill, args.noise, args.jpeg if args.jpeg < 100 else None, rng)
+        Image.fromarray((image * 255.0 + 0.5).astype(np.uint8)).save(out / "image.png")
         Image.fromarray((alpha * 255.0 + 0.5).astype(np.uint8)).save(out / "alpha.png")
         Image.fromarray((fg * 255.0 + 0.5).astype(np.uint8)).save(out / "fg.png")
     print(f"wrote {len(cases)} cases to {args.out}")
