@@ -227,11 +227,6 @@ def _drip_inputs(ctx: WorkflowContext) -> None:
 
 
 def _drip_check(ctx: WorkflowContext) -> None:
-    with torch.inference_mode():  # the run's tensors are inference tensors
-        _drip_check_impl(ctx)
-
-
-def _drip_check_impl(ctx: WorkflowContext) -> None:
     from diffusion_matting.py import transparency_decoder as TD
 
     h, w = DRIP_HW
@@ -358,11 +353,6 @@ def _controller(model):
 
 
 def _green_canvas_check(ctx: WorkflowContext) -> None:
-    with torch.inference_mode():  # the run's tensors are inference tensors
-        _green_canvas_check_impl(ctx)
-
-
-def _green_canvas_check_impl(ctx: WorkflowContext) -> None:
     import comfy.supported_models as SM
     from safetensors import safe_open
 
@@ -521,11 +511,6 @@ def _bmv2_setup(ctx: WorkflowContext) -> None:
 
 
 def _bmv2_check(ctx: WorkflowContext) -> None:
-    with torch.inference_mode():  # the run's tensors are inference tensors
-        _bmv2_check_impl(ctx)
-
-
-def _bmv2_check_impl(ctx: WorkflowContext) -> None:
     from diffusion_matting.py import background_matting as BM
     from diffusion_matting.py.greenpost import color_hex
 
@@ -584,11 +569,6 @@ def _factory_setup(ctx: WorkflowContext) -> None:
 
 
 def _factory_check(ctx: WorkflowContext) -> None:
-    with torch.inference_mode():  # the run's tensors are inference tensors
-        _factory_check_impl(ctx)
-
-
-def _factory_check_impl(ctx: WorkflowContext) -> None:
     from diffusion_matting.py import matting_dataset as D
 
     P = ctx.prompt
@@ -838,7 +818,8 @@ def run_workflow(env: harness.ComfyEnv, name: str, workflow: dict, spec: Spec) -
     for nid in checked_nodes:
         NODE_CHECKS[ctx.prompt[nid]["class_type"]](ctx, nid)
     if spec.check is not None:
-        spec.check(ctx)
+        with torch.inference_mode():  # the run's tensors are inference tensors
+            spec.check(ctx)
     return ctx
 
 
